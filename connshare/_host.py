@@ -1,0 +1,216 @@
+"""The leader's side of one channel: the one real client, its upstream subscriptions
+(once per key, however many processes subscribe), last values, and fan-out.
+
+Everything here runs on connshare's loop thread, except the listeners the real
+client calls, which may fire on any thread and hop onto the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ._base import Base
+from ._errors import EncodeError, MethodNotAllowedError, NotReadyError
+from ._loop import on_loop_thread
+from ._protocol import Codec, MsgType
+from ._spec import ChannelState
+
+log = logging.getLogger("connshare.host")
+
+
+class Sink(Protocol):
+    def push(self, key: KeyState, value: Any) -> None: ...
+
+
+class KeyState:
+    """One upstream subscription and who gets its values."""
+
+    __slots__ = ("id", "method", "reg", "canon", "sinks", "has_value", "value", "frame", "listener", "rr")
+
+    def __init__(self, key_id: int, method: str, reg: Any, canon: bytes) -> None:
+        self.id = key_id
+        self.method = method
+        self.reg = reg
+        self.canon = canon
+        self.sinks: list[Sink] = []
+        self.has_value = False
+        self.value: Any = None
+        self.frame: bytes | None = None
+        self.listener: Callable[[Any], None] | None = None
+        self.rr = 0
+
+    def event_frame(self, codec: Codec) -> bytes | None:
+        """The EVENT frame of the last value, encoded once for every follower."""
+        if self.frame is None:
+            try:
+                self.frame = codec.pack([MsgType.EVENT, self.id, self.value])
+            except EncodeError:
+                log.exception("value of %s %r cannot be sent to followers", self.method, self.reg)
+                return None
+        return self.frame
+
+
+class ChannelHost:
+    """Owns the real client of one channel in the leader process."""
+
+    def __init__(self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, executor: concurrent.futures.Executor, key_ids: Any) -> None:
+        self.state = state
+        self.loop = loop
+        self.codec = codec
+        self.executor = executor
+        self._key_ids = key_ids
+        self.real: Any = None
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.keys: dict[tuple[str, bytes], KeyState] = {}
+        self.peers: set[Any] = set()
+        self.broadcast = state.options.is_broadcast
+
+    async def start(self) -> None:
+        """Build the real client on connshare's loop and wait until it is ready."""
+        st = self.state
+        try:
+            real = st.cls(*st.args, **st.kwargs)
+            self.real = real
+            if isinstance(real, Base):
+                real.on("error", self._on_real_error)
+                await asyncio.wait_for(real.ready(), st.options.max_wait_time)
+        except BaseException as exc:
+            log.error("channel %r: the real client failed to start: %r", st.name, exc)
+            err = exc if isinstance(exc, Exception) else NotReadyError(repr(exc))
+            if not self.ready.done():
+                self.ready.set_exception(err)
+                self.ready.exception()  # retrieved: waiters re-raise it
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    # -- errors from the real client ---------------------------------------------
+
+    def _on_real_error(self, exc: BaseException) -> None:
+        if on_loop_thread():
+            self._fan_error(exc)
+        else:
+            self.loop.call_soon_threadsafe(self._fan_error, exc)
+
+    def _fan_error(self, exc: BaseException) -> None:
+        self.state.emit_error(exc)
+        for peer in list(self.peers):
+            peer.send_channel_error(self, exc)
+
+    # -- subscriptions -------------------------------------------------------------
+
+    def subscribe(self, method: str, reg: Any, canon: bytes) -> KeyState:
+        """The key for ``reg``, subscribing upstream if it is new. Attach sinks with
+        :meth:`attach`; a key left with no sink is released by :meth:`unsubscribe`."""
+        spec = self.state.spec.get(method)
+        if spec is None or spec.to != "subscribe":
+            raise MethodNotAllowedError(f"{method!r} is not delegated as a subscribe method on channel {self.state.name!r}")
+        ks = self.keys.get((method, canon))
+        if ks is not None:
+            return ks
+        ks = KeyState(next(self._key_ids), method, reg, canon)
+        self.keys[(method, canon)] = ks
+        loop = self.loop
+
+        def listener(value: Any, ks: KeyState = ks) -> None:
+            if on_loop_thread():
+                self._emit(ks, value)
+            else:
+                loop.call_soon_threadsafe(self._emit, ks, value)
+
+        ks.listener = listener
+        try:
+            self._call_real(method, reg, listener)
+        except BaseException:
+            del self.keys[(method, canon)]
+            raise
+        return ks
+
+    def attach(self, ks: KeyState, sink: Sink) -> None:
+        """Add ``sink`` to the key and give it the last value, if there is one."""
+        ks.sinks.append(sink)
+        if ks.has_value and (self.broadcast or len(ks.sinks) == 1):
+            sink.push(ks, ks.value)
+
+    def unsubscribe(self, ks: KeyState, sink: Sink) -> None:
+        """Detach ``sink``; the last one out unsubscribes upstream."""
+        try:
+            ks.sinks.remove(sink)
+        except ValueError:
+            return
+        if ks.sinks or self.keys.get((ks.method, ks.canon)) is not ks:
+            return
+        del self.keys[(ks.method, ks.canon)]
+        unsub = self.state.kind_method("unsubscribe")
+        if unsub is None and hasattr(self.real, "unsubscribe"):
+            unsub = "unsubscribe"
+        if unsub is not None and self.real is not None:
+            try:
+                self._call_real(unsub, ks.reg, ks.listener)
+            except Exception:
+                log.exception("channel %r: upstream unsubscribe of %r failed", self.state.name, ks.reg)
+
+    def _emit(self, ks: KeyState, value: Any) -> None:
+        if self.keys.get((ks.method, ks.canon)) is not ks:
+            return  # unsubscribed meanwhile
+        ks.has_value = True
+        ks.value = value
+        ks.frame = None
+        sinks = ks.sinks
+        if not sinks:
+            return
+        if not self.broadcast:
+            ks.rr = (ks.rr + 1) % len(sinks)
+            sinks = [sinks[ks.rr]]
+        for sink in list(sinks):
+            try:
+                sink.push(ks, value)
+            except Exception:
+                log.exception("channel %r: delivering %r failed", self.state.name, ks.reg)
+
+    def publish(self, method: str, reg: Any) -> None:
+        spec = self.state.spec.get(method)
+        if spec is None or spec.to != "publish":
+            raise MethodNotAllowedError(f"{method!r} is not delegated as a publish method on channel {self.state.name!r}")
+        self._call_real(method, reg)
+
+    def _call_real(self, method: str, *args: Any) -> None:
+        """Call a subscribe/unsubscribe/publish method of the real client on the loop."""
+        res = getattr(self.real, method)(*args)
+        if inspect.isawaitable(res):
+            task = asyncio.ensure_future(res)
+            task.add_done_callback(self._log_failure)
+
+    def _log_failure(self, task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("channel %r: real client call failed: %r", self.state.name, exc)
+            self._fan_error(exc)
+
+    # -- invokes -----------------------------------------------------------------------
+
+    def resolve(self, method: str) -> tuple[Callable[..., Any], bool]:
+        """The real bound method and whether it is a coroutine function."""
+        spec = self.state.spec.get(method)
+        if spec is None or spec.to not in ("invoke", "invoke_oneway"):
+            raise MethodNotAllowedError(f"{method!r} is not a delegated method of channel {self.state.name!r}")
+        return getattr(self.real, method), spec.is_coro
+
+    async def close(self) -> None:
+        real, self.real = self.real, None
+        self.keys.clear()
+        if real is None:
+            return
+        try:
+            res = real.close() if hasattr(real, "close") else None
+            if inspect.isawaitable(res):
+                await res
+        except Exception:
+            log.exception("channel %r: closing the real client failed", self.state.name)

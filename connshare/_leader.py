@@ -1,0 +1,319 @@
+"""The leader's end of each follower connection, an asyncio protocol over the
+sans-I/O core. A peer that breaks the protocol, fails the handshake, floods, or stops
+reading is dropped with a logged reason; every other follower keeps being served."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._errors import (
+    ChannelNotFoundError,
+    ConnshareError,
+    EncodeError,
+    LimitExceededError,
+    MethodNotAllowedError,
+    ProtocolError,
+)
+from ._host import ChannelHost, KeyState
+from ._protocol import (
+    ONEWAY,
+    ErrorCode,
+    FrameDecoder,
+    LeaderHandshake,
+    MsgType,
+    to_message,
+)
+from ._remote import error_message
+
+if TYPE_CHECKING:
+    from ._node import Node
+
+log = logging.getLogger("connshare.leader")
+
+_EXC_CODES: list[tuple[type[Exception], int]] = [
+    (ChannelNotFoundError, ErrorCode.NO_CHANNEL),
+    (MethodNotAllowedError, ErrorCode.NOT_ALLOWED),
+    (LimitExceededError, ErrorCode.LIMIT),
+]
+
+
+def _code_for(exc: BaseException) -> int:
+    for cls, code in _EXC_CODES:
+        if isinstance(exc, cls):
+            return code
+    return ErrorCode.RAISED
+
+
+class PeerProtocol(asyncio.Protocol):
+    """One follower, as the leader sees it."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.loop = node.loop
+        self.codec = node.codec
+        self.options = node.options
+        self.decoder = FrameDecoder(node.options.max_frame_size)
+        self.handshake = LeaderHandshake(node.secret)
+        self.transport: asyncio.Transport | None = None
+        self.addr: Any = None
+        self.open = False
+        self.closed = False
+        self.channels: dict[int, ChannelHost] = {}
+        self.subs: dict[int, tuple[ChannelHost, KeyState]] = {}
+        self.inflight = 0
+        self.last_rx = time.monotonic()
+        self._hs_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.handshake.peer_pid
+
+    # -- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.addr = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self.node.peers) >= self.options.max_followers:
+            self._refuse(LimitExceededError(f"the leader serves max_followers={self.options.max_followers} already"), ErrorCode.LIMIT)
+            return
+        self.node.peers.add(self)
+        self._hs_timer = self.loop.call_later(self.options.connect_timeout, self._handshake_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+        self.node.peers.discard(self)
+        for host, ks in self.subs.values():
+            host.unsubscribe(ks, self)
+        self.subs.clear()
+        for host in self.channels.values():
+            host.peers.discard(self)
+        self.channels.clear()
+        if self.open:
+            log.debug("follower pid %s at %s left", self.pid, self.addr)
+        self.node.on_peer_gone(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        try:
+            bodies = self.decoder.feed(data)
+            for body in bodies:
+                if self.closed:
+                    return
+                wire = self.codec.unpack(body)
+                if self.open:
+                    self._dispatch(wire)
+                else:
+                    self._handshake_step(wire)
+        except ProtocolError as exc:
+            self.drop(f"protocol error: {exc}")
+        except Exception as exc:  # a bug of ours must not take the leader down
+            log.exception("leader: handling a frame from %s failed", self.addr)
+            self.drop(f"internal error: {exc!r}")
+
+    def eof_received(self) -> bool:
+        return False
+
+    # -- sending -------------------------------------------------------------------------
+
+    def write(self, frame: bytes) -> None:
+        t = self.transport
+        if t is None or self.closed:
+            return
+        t.write(frame)
+        if t.get_write_buffer_size() > self.options.max_buffered_bytes:
+            self.drop(f"follower is not reading: over max_buffered_bytes={self.options.max_buffered_bytes} queued")
+
+    def send(self, wire: list) -> None:
+        self.write(self.codec.pack(wire))
+
+    def drop(self, reason: str) -> None:
+        """Disconnect this peer, logging why."""
+        if self.closed:
+            return
+        self.closed = True
+        log.warning("leader: dropping peer %s (pid %s): %s", self.addr, self.pid, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _refuse(self, exc: Exception, code: int) -> None:
+        msg = error_message(0, exc, code)
+        try:
+            self.write(self.codec.encode(msg))
+        finally:
+            self.closed = True
+            log.warning("leader: refusing peer %s: %s", self.addr, exc)
+            if self.transport is not None:
+                self.transport.close()  # flushes the error first
+
+    # -- handshake --------------------------------------------------------------------------
+
+    def _handshake_timeout(self) -> None:
+        if not self.open:
+            self.drop("no handshake within connect_timeout")
+
+    def _handshake_step(self, wire: list) -> None:
+        try:
+            replies = self.handshake.receive(to_message(wire))
+        except ConnshareError as exc:
+            msg = LeaderHandshake.reply_for(exc)
+            self.write(self.codec.encode(msg))
+            self.closed = True
+            log.warning("leader: peer %s failed the handshake: %s", self.addr, exc)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for m in replies:
+            self.write(self.codec.encode(m))
+        if self.handshake.state.name == "OPEN":
+            self.open = True
+            if self._hs_timer is not None:
+                self._hs_timer.cancel()
+            if self.node.leaving:
+                self.send([MsgType.GOODBYE])
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _dispatch(self, wire: list) -> None:
+        t = wire[0]
+        if t == MsgType.INVOKE:
+            self._invoke(wire)
+        elif t == MsgType.PING:
+            self.send([MsgType.PONG, wire[1]])
+        elif t == MsgType.PONG:
+            pass
+        elif t == MsgType.SUBSCRIBE:
+            self._subscribe(wire)
+        elif t == MsgType.UNSUBSCRIBE:
+            entry = self.subs.pop(wire[1], None)
+            if entry is not None:
+                entry[0].unsubscribe(entry[1], self)
+        elif t == MsgType.PUBLISH:
+            self._publish(wire)
+        elif t == MsgType.REGISTER:
+            asyncio.ensure_future(self._register(wire[1], wire[2]))
+        else:
+            self.drop(f"unexpected {MsgType(t).name} from a follower")
+
+    def _error(self, rid: int, exc: BaseException) -> None:
+        if rid:
+            self.send(error_message(rid, exc, _code_for(exc)).to_wire())
+
+    async def _register(self, rid: int, name: str) -> None:
+        try:
+            host = await self.node.host_for(name)
+        except Exception as exc:
+            self._error(rid, exc)
+            return
+        if self.closed:
+            return
+        self.channels[host.id] = host
+        host.peers.add(self)
+        self.send([MsgType.RESULT, rid, host.id])
+
+    def _host(self, channel: int) -> ChannelHost:
+        host = self.channels.get(channel)
+        if host is None:
+            raise ChannelNotFoundError(f"channel id {channel} is not registered on this connection")
+        return host
+
+    def _subscribe(self, wire: list) -> None:
+        _, rid, channel, method, reg = wire
+        try:
+            host = self._host(channel)
+            if len(self.subs) >= self.options.max_subscriptions_per_follower:
+                raise LimitExceededError(f"max_subscriptions_per_follower={self.options.max_subscriptions_per_follower}")
+            ks = host.subscribe(method, reg, self.node.canonical(reg))
+        except Exception as exc:
+            self._error(rid, exc)
+            return
+        # Answer first: the follower must know the key id before its first EVENT.
+        self.send([MsgType.RESULT, rid, ks.id])
+        if ks.id not in self.subs:
+            self.subs[ks.id] = (host, ks)
+            host.attach(ks, self)
+
+    def push(self, ks: KeyState, value: Any) -> None:
+        frame = ks.event_frame(self.codec)
+        if frame is not None:
+            self.write(frame)
+
+    def _publish(self, wire: list) -> None:
+        _, channel, method, reg = wire
+        try:
+            self._host(channel).publish(method, reg)
+        except Exception as exc:
+            log.warning("leader: publish from pid %s failed: %r", self.pid, exc)
+
+    def send_channel_error(self, host: ChannelHost, exc: BaseException) -> None:
+        cls = type(exc)
+        self.send([MsgType.CHANNEL_ERROR, host.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
+
+    def _invoke(self, wire: list) -> None:
+        _, rid, channel, method, args, kwargs, flags, timeout = wire
+        oneway = bool(flags & ONEWAY)
+        if oneway:
+            rid = 0
+        try:
+            if self.inflight >= self.options.max_inflight_per_follower:
+                raise LimitExceededError(f"max_inflight_per_follower={self.options.max_inflight_per_follower} calls in flight")
+            fn, is_coro = self._host(channel).resolve(method)
+        except Exception as exc:
+            self._error(rid, exc)
+            return
+        self.inflight += 1
+        self.node.inflight += 1
+        if is_coro:
+            try:
+                coro = fn(*args, **kwargs)
+            except Exception as exc:
+                self._finish(rid, None, exc)
+                return
+            task = self.loop.create_task(coro)
+            if timeout:
+                handle = self.loop.call_later(timeout, task.cancel)
+                task.add_done_callback(lambda _t: handle.cancel())
+            task.add_done_callback(lambda t: self._task_done(rid, t))
+        else:
+            cf = self.node.executor.submit(fn, *args, **kwargs)
+            cf.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._cf_done, rid, f))
+
+    def _task_done(self, rid: int, task: asyncio.Task) -> None:
+        if task.cancelled():
+            self._finish(rid, None, TimeoutError("the call was cancelled on the leader after its timeout"))
+        else:
+            exc = task.exception()
+            self._finish(rid, None if exc else task.result(), exc)
+
+    def _cf_done(self, rid: int, f: concurrent.futures.Future) -> None:
+        exc = f.exception()
+        self._finish(rid, None if exc else f.result(), exc)
+
+    def _finish(self, rid: int, value: Any, exc: BaseException | None) -> None:
+        self.inflight -= 1
+        self.node.inflight -= 1
+        if rid and not self.closed:
+            if exc is None:
+                try:
+                    frame = self.codec.pack([MsgType.RESULT, rid, value])
+                except EncodeError as e:
+                    exc = e
+                else:
+                    self.write(frame)
+            if exc is not None:
+                if not isinstance(exc, Exception):
+                    exc = RuntimeError(repr(exc))
+                self.send(error_message(rid, exc, _code_for(exc)).to_wire())
+        elif exc is not None and not rid:
+            log.warning("leader: oneway call from pid %s raised %r", self.pid, exc)
+        self.node.maybe_drained()
+

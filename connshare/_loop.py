@@ -1,0 +1,100 @@
+"""One connshare event loop per process, on a daemon thread, started lazily.
+
+Blocking front doors reach it through ``concurrent.futures``; calling them on the
+loop's own thread raises :class:`ConcurrencyError` instead of deadlocking. After a
+fork the child forgets the parent's loop (its thread did not survive the fork) and
+starts its own on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from ._errors import ConcurrencyError
+
+log = logging.getLogger("connshare.loop")
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """connshare's loop in this process, started on first use."""
+    global _loop, _thread
+    loop = _loop
+    if loop is not None:
+        return loop
+    with _lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            started = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(started.set)
+                loop.run_forever()
+
+            _thread = threading.Thread(target=run, name="connshare-loop", daemon=True)
+            _thread.start()
+            started.wait()
+            _loop = loop
+        return _loop
+
+
+def loop_thread_id() -> int | None:
+    t = _thread
+    return t.ident if t is not None else None
+
+
+def on_loop_thread() -> bool:
+    t = _thread
+    return t is not None and t.ident == threading.get_ident()
+
+
+def forbid_loop_thread(what: str) -> None:
+    """Raise ConcurrencyError when a blocking call runs on connshare's own thread."""
+    if on_loop_thread() or getattr(_local, "no_blocking", False):
+        raise ConcurrencyError(
+            f"{what} would block connshare's own thread and deadlock; "
+            "use the awaitable API (or a coroutine listener) there"
+        )
+
+
+_local = threading.local()
+
+
+def mark_no_blocking_thread() -> None:
+    """Mark the current thread (a connshare reader) as one that must never block."""
+    _local.no_blocking = True
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on connshare's loop and wait for it from a foreign thread."""
+    forbid_loop_thread("a blocking connshare call")
+    fut = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        return fut.result(timeout)
+    except concurrent.futures.TimeoutError:
+        fut.cancel()
+        raise
+
+
+def _after_fork_in_child() -> None:
+    global _loop, _thread, _lock
+    # The loop's thread does not exist in the child; its selector and self-pipe are
+    # shared with the parent. Forget them without closing (closing would touch fds
+    # the parent still uses).
+    _loop = None
+    _thread = None
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,814 @@
+"""A process's membership of one port: the election, then leading or following.
+
+One :class:`Node` per port per process (one more for single mode), shared by every
+channel and every client the process creates on that port. Its state lives on
+connshare's loop; the call paths that callers run on their own threads read the
+per-channel ``route`` and touch nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import functools
+import itertools
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+from ._errors import (
+    AuthenticationError,
+    CallTimeoutError,
+    ChannelNotFoundError,
+    ClientClosedError,
+    ElectionError,
+    LeaderLostError,
+    LeaderNotFoundError,
+    LimitExceededError,
+    NotReadyError,
+    PortInUseError,
+    ProtocolError,
+    ProtocolVersionError,
+)
+from ._election import HOST, port_owner, try_bind
+from ._follower import FollowerConnection
+from ._host import ChannelHost
+from ._leader import PeerProtocol
+from ._loop import forbid_loop_thread, get_loop
+from ._options import Options
+from ._protocol import (
+    ONEWAY,
+    Challenge,
+    Codec,
+    Error,
+    ErrorCode,
+    FrameDecoder,
+    FollowerHandshake,
+    HandshakeState,
+    MsgType,
+    Welcome,
+    to_message,
+)
+from ._remote import exception_from
+from ._secret import load_or_create_secret
+from ._spec import Avail, ChannelState, MethodSpec
+from ._subs import LocalSub, canonical
+
+log = logging.getLogger("connshare.node")
+
+
+class Role(enum.Enum):
+    ELECTING = "electing"
+    LEADER = "leader"
+    FOLLOWER = "follower"
+    LOCAL = "single"
+    CLOSED = "closed"
+
+
+class _Retry(Exception):
+    """The election should go round again (nobody listening, leader going away)."""
+
+
+def _expire(fut: asyncio.Future, conn: FollowerConnection, rid: int, timeout: float) -> None:
+    if not fut.done():
+        conn.forget(rid)
+        fut.set_exception(CallTimeoutError(f"no answer from the leader (pid {conn.peer_pid}) within {timeout} s"))
+
+
+class Node:
+    """This process on one port (or in single mode)."""
+
+    def __init__(self, options: Options, key: Any) -> None:
+        self.options = options
+        self.key = key
+        self.single = options.single_mode
+        self.port = options.port
+        self.loop = get_loop()
+        self.codec = Codec(options.max_frame_size, options.transcode)
+        self.secret: bytes = b""
+        self.role = Role.ELECTING
+        self.leader_pid: int | None = None
+        self.channels: dict[str, ChannelState] = {}
+        self.hosts: dict[str, ChannelHost] = {}
+        self.peers: set[PeerProtocol] = set()
+        self.conn: FollowerConnection | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self._listen_sock: socket.socket | None = None
+        self.inflight = 0
+        self.leaving = False
+        self.closing = False
+        self.fatal: BaseException | None = None
+        self.clients: weakref.WeakSet = weakref.WeakSet()
+        self._key_ids = itertools.count(1)
+        self._host_ids = itertools.count(1)
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._hosts_changed: asyncio.Event | None = None
+        self._conn_done: asyncio.Future | None = None
+        self._drained: asyncio.Event | None = None
+        self._closed_cf: concurrent.futures.Future = concurrent.futures.Future()
+        self._main: asyncio.Task | None = None
+        self.canonical = canonical
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop)
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(self.options.worker_threads, thread_name_prefix="connshare-worker")
+        return self._executor
+
+    # -- channels ------------------------------------------------------------------------
+
+    def attach(self, client: Any, state: ChannelState) -> ChannelState:
+        """Join ``client`` to its channel; a second client of the name shares it."""
+        if self.closing:
+            raise ClientClosedError("this process's connshare node is closing")
+        self.clients.add(client)
+        existing = self.channels.get(state.name)
+        if existing is not None:
+            existing.clients.append(client)
+            if existing.route is not None:
+                client.ready(True)
+            elif existing.fatal is not None:
+                client.ready(existing.fatal)
+            return existing
+        state.clients.append(client)
+        self.channels[state.name] = state
+        self.loop.call_soon_threadsafe(self._channel_added, state)
+        return state
+
+    def detach(self, client: Any, state: ChannelState) -> concurrent.futures.Future:
+        """``client`` closed; the last client of the process closes the node."""
+        if client in state.clients:
+            state.clients.remove(client)
+        self.clients.discard(client)
+        if not any(st.clients for st in self.channels.values()) and not self.closing:
+            self.closing = True
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        return self._closed_cf
+
+    def _channel_added(self, state: ChannelState) -> None:
+        if self.fatal is not None:
+            self._channel_failed(state, self.fatal)
+        elif self.role in (Role.LEADER, Role.LOCAL):
+            self._start_host(state)
+        elif self.role is Role.FOLLOWER and self.conn is not None:
+            asyncio.ensure_future(self._register(self.conn, state))
+        if self._hosts_changed is not None:
+            self._hosts_changed.set()
+
+    def _set_route(self, state: ChannelState, route: Any) -> None:
+        state.route = route
+        if not state.avail.done():
+            state.avail.set_result(None)
+        for c in list(state.clients):
+            c.ready(True)
+
+    def _clear_route(self, state: ChannelState) -> None:
+        if state.avail.done():
+            state.avail = Avail()
+        state.route = None  # after the new Avail: a caller that sees None waits on it
+        state.wire_id = None
+        for sub in state.subs.values():
+            sub.key_id = None
+
+    def _channel_failed(self, state: ChannelState, exc: BaseException) -> None:
+        state.fatal = exc
+        if not state.avail.done():
+            state.avail.set_result(None)  # wake waiters: they raise state.fatal
+        for c in list(state.clients):
+            c.ready(exc)
+
+    # -- the election ---------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        self._hosts_changed = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._main = asyncio.current_task()
+        try:
+            if self.single:
+                self.role = Role.LOCAL
+                self.leader_pid = os.getpid()
+                for st in list(self.channels.values()):
+                    self._start_host(st)
+                await asyncio.Event().wait()  # until cancelled by _shutdown
+            self.secret = self.options.secret_bytes() or load_or_create_secret(self.port)
+            while not self.closing:
+                won = await self._elect()
+                if isinstance(won, socket.socket):
+                    await self._lead(won)
+                    return
+                await self._follow(*won)
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            log.error("connshare on port %s cannot serve: %r", self.port, exc)
+            self.fatal = exc
+            for st in list(self.channels.values()):
+                self._channel_failed(st, exc)
+
+    async def _elect(self) -> Any:
+        """A listening socket if we won, else (connection, early frames)."""
+        opts = self.options
+        loop = self.loop
+        deadline = loop.time() + opts.max_wait_time
+        delay = 0.0005
+        self.role = Role.ELECTING
+        quiet_since: float | None = None
+        while True:
+            if opts.is_leader is not False:
+                sock = try_bind(self.port)
+                if sock is not None:
+                    return sock
+            if opts.is_leader is not True:
+                try:
+                    return await self._connect()
+                except _Retry as r:
+                    if r.args and r.args[0] == "quiet":
+                        quiet_since = quiet_since or loop.time()
+            if self.closing:
+                raise ClientClosedError("closed during the election")
+            if loop.time() > deadline:
+                if opts.is_leader is False:
+                    raise LeaderNotFoundError(f"no connshare leader on port {self.port} within max_wait_time={opts.max_wait_time} s")
+                if opts.is_leader is True:
+                    raise ElectionError(f"is_leader=True, but port {self.port} stayed taken for max_wait_time={opts.max_wait_time} s")
+                raise ElectionError(f"could neither bind nor follow on port {self.port} within max_wait_time={opts.max_wait_time} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    async def _connect(self) -> tuple[FollowerConnection, list[bytes]]:
+        loop = self.loop
+        opts = self.options
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        keep = False
+        try:
+            try:
+                await asyncio.wait_for(loop.sock_connect(sock, (HOST, self.port)), opts.connect_timeout)
+            except (ConnectionRefusedError, ConnectionResetError, asyncio.TimeoutError):
+                raise _Retry() from None
+            if sock.getsockname() == sock.getpeername():
+                raise _Retry()  # TCP connected to itself: nobody listens there
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            hs = FollowerHandshake(self.secret)
+            decoder = FrameDecoder(opts.max_frame_size)
+            await loop.sock_sendall(sock, self.codec.encode(hs.start()))
+            end = loop.time() + opts.connect_timeout
+            got_bytes = False
+            while hs.state is not HandshakeState.OPEN:
+                left = end - loop.time()
+                try:
+                    if left <= 0:
+                        raise asyncio.TimeoutError
+                    data = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
+                except asyncio.TimeoutError:
+                    owner, status = port_owner(self.port)
+                    if status in ("stopped", "tracing-stop", "zombie"):
+                        raise _Retry("quiet") from None  # a hung leader: wait for it to die
+                    raise PortInUseError(self.port, f"no connshare handshake within connect_timeout={opts.connect_timeout} s", owner) from None
+                except (ConnectionResetError, BrokenPipeError):
+                    raise _Retry() from None
+                if not data:
+                    if got_bytes:
+                        owner, _ = port_owner(self.port)
+                        raise PortInUseError(self.port, "the peer closed the connection during the handshake", owner)
+                    raise _Retry()  # a leader going away
+                got_bytes = True
+                try:
+                    bodies = decoder.feed(data)
+                    for i, body in enumerate(bodies):
+                        msg = to_message(self.codec.unpack(body))
+                        if not isinstance(msg, (Challenge, Welcome, Error)):
+                            raise ProtocolError(f"a {type(msg).__name__} during the handshake")
+                        for reply in hs.receive(msg):
+                            await loop.sock_sendall(sock, self.codec.encode(reply))
+                        if hs.state is HandshakeState.OPEN:
+                            early = bodies[i + 1 :]
+                            break
+                except (AuthenticationError, ProtocolVersionError, LimitExceededError):
+                    raise
+                except ProtocolError as exc:
+                    owner, _ = port_owner(self.port)
+                    raise PortInUseError(self.port, f"it does not speak connshare ({exc})", owner) from None
+            conn = FollowerConnection(sock, self.codec, decoder, hs.peer_pid, self._on_conn_lost, self._on_conn_frame)
+            keep = True
+            return conn, early
+        finally:
+            if not keep:
+                sock.close()
+
+    # -- leading ---------------------------------------------------------------------------
+
+    async def _lead(self, sock: socket.socket) -> None:
+        self.role = Role.LEADER
+        self.leader_pid = os.getpid()
+        self._listen_sock = sock
+        log.info("pid %s leads port %s", os.getpid(), self.port)
+        self.server = await self.loop.create_server(lambda: PeerProtocol(self), sock=sock)
+        for st in list(self.channels.values()):
+            self._start_host(st)
+        interval = self.options.heartbeat_interval
+        while not self.closing:
+            if interval is None:
+                await asyncio.Event().wait()
+            await asyncio.sleep(interval)
+            silent = time.monotonic() - 3 * interval
+            for peer in list(self.peers):
+                if peer.open and peer.last_rx < silent:
+                    peer.drop(f"no heartbeat for {3 * interval:g} s")
+
+    def _start_host(self, state: ChannelState) -> None:
+        if state.name in self.hosts:
+            return
+        host = ChannelHost(state, self.loop, self.codec, self.executor, self._key_ids)
+        host.id = next(self._host_ids)  # type: ignore[attr-defined]
+        self.hosts[state.name] = host
+        if self._hosts_changed is not None:
+            self._hosts_changed.set()
+
+        async def start() -> None:
+            await host.start()
+            if host.ready.exception() is not None:
+                self._channel_failed(state, NotReadyError(f"channel {state.name!r}: the real client failed to start: {host.ready.exception()!r}"))
+                state.fatal.__cause__ = host.ready.exception()  # type: ignore[union-attr]
+                return
+            for sub in list(state.subs.values()):
+                self._host_subscribe(host, state, sub)
+            for (method, _), reg in list(state.publications.items()):
+                self._host_call(state, host.publish, method, reg)
+            self._set_route(state, host)
+
+        asyncio.ensure_future(start())
+
+    def _host_subscribe(self, host: ChannelHost, state: ChannelState, sub: LocalSub) -> None:
+        try:
+            ks = host.subscribe(sub.method, sub.reg, sub.canon)
+        except Exception as exc:
+            state.emit_error(exc)
+            return
+        host.attach(ks, sub)
+
+    @staticmethod
+    def _host_call(state: ChannelState, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:
+            state.emit_error(exc)
+
+    async def host_for(self, name: str) -> ChannelHost:
+        """The host of channel ``name``, waiting up to max_wait_time for this
+        process to create it."""
+        assert self._hosts_changed is not None
+        deadline = self.loop.time() + self.options.max_wait_time
+        while name not in self.hosts:
+            left = deadline - self.loop.time()
+            if left <= 0 or self.leaving:
+                raise ChannelNotFoundError(f"the leader (pid {os.getpid()}) hosts no channel {name!r} (waited {self.options.max_wait_time} s)")
+            self._hosts_changed.clear()
+            try:
+                await asyncio.wait_for(self._hosts_changed.wait(), left)
+            except asyncio.TimeoutError:
+                pass
+        host = self.hosts[name]
+        try:
+            await asyncio.shield(host.ready)
+        except Exception as exc:
+            raise NotReadyError(f"channel {name!r}: the leader's real client failed to start: {exc!r}") from exc
+        return host
+
+    def on_peer_gone(self, peer: PeerProtocol) -> None:
+        self.maybe_drained()
+
+    def maybe_drained(self) -> None:
+        if self.leaving and self._drained is not None and self.inflight == 0:
+            if all(p.closed or not p.open for p in self.peers) or self.inflight == 0:
+                self._drained.set()
+
+    # -- following --------------------------------------------------------------------------
+
+    async def _follow(self, conn: FollowerConnection, early: list[bytes]) -> None:
+        self.role = Role.FOLLOWER
+        self.conn = conn
+        self.leader_pid = conn.peer_pid
+        self._conn_done = self.loop.create_future()
+        log.info("pid %s follows leader pid %s on port %s", os.getpid(), conn.peer_pid, self.port)
+        conn.start(early)
+        hb = asyncio.ensure_future(self._heartbeat(conn))
+        try:
+            await asyncio.gather(*(self._register(conn, st) for st in list(self.channels.values())))
+            await self._conn_done
+        finally:
+            hb.cancel()
+
+    async def _register(self, conn: FollowerConnection, state: ChannelState) -> None:
+        try:
+            _, fut = conn.request_async([MsgType.REGISTER, 0, state.name], self.loop)
+            wire_id = await asyncio.wait_for(fut, self.options.max_wait_time + self.options.response_timeout)
+        except (ChannelNotFoundError, NotReadyError) as exc:
+            if conn is self.conn:
+                self._channel_failed(state, exc)
+            return
+        except (LeaderLostError, asyncio.TimeoutError, ProtocolError) as exc:
+            log.debug("registering %r failed: %r", state.name, exc)
+            return
+        if conn is not self.conn:
+            return
+        state.wire_id = wire_id
+        state.fatal = None
+        try:
+            for sub in list(state.subs.values()):
+                self._send_subscribe(conn, state, sub)
+            for (method, _), reg in list(state.publications.items()):
+                conn.send_oneway([MsgType.PUBLISH, wire_id, method, reg])
+        except LeaderLostError:
+            return
+        self._set_route(state, (conn, wire_id))
+
+    def _send_subscribe(self, conn: FollowerConnection, state: ChannelState, sub: LocalSub) -> None:
+        def mapped(key_id: int) -> None:  # on the reader thread, before the first EVENT
+            conn.keys[key_id] = sub
+            sub.key_id = key_id
+
+        _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped)
+        fut.add_done_callback(functools.partial(self._subscribed, state))
+
+    @staticmethod
+    def _subscribed(state: ChannelState, fut: asyncio.Future) -> None:
+        exc = fut.exception()
+        if exc is not None and not isinstance(exc, LeaderLostError):
+            state.emit_error(exc)
+
+    async def _heartbeat(self, conn: FollowerConnection) -> None:
+        interval = self.options.heartbeat_interval
+        if interval is None:
+            return
+        token = 0
+        while conn.lost is None:
+            await asyncio.sleep(interval)
+            token += 1
+            if time.monotonic() - conn.last_rx > 3 * interval:
+                conn.mark_unresponsive()
+            try:
+                await self.loop.run_in_executor(None, conn.send, self.codec.pack([MsgType.PING, token]), interval)
+            except Exception:
+                pass
+
+    def _on_conn_lost(self, conn: FollowerConnection, reason: BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._conn_lost, conn, reason)
+        except RuntimeError:
+            pass
+
+    def _conn_lost(self, conn: FollowerConnection, reason: BaseException) -> None:
+        if conn is not self.conn:
+            return
+        log.info("pid %s lost leader pid %s: %s", os.getpid(), conn.peer_pid, reason)
+        self._leave_conn()
+
+    def _leave_conn(self) -> None:
+        self.conn = None
+        for st in self.channels.values():
+            self._clear_route(st)
+        if self._conn_done is not None and not self._conn_done.done():
+            self._conn_done.set_result(None)
+
+    def _on_conn_frame(self, conn: FollowerConnection, wire: list) -> None:
+        self.loop.call_soon_threadsafe(self._conn_frame, conn, wire)
+
+    def _conn_frame(self, conn: FollowerConnection, wire: list) -> None:
+        if wire[0] == MsgType.GOODBYE:
+            if conn is self.conn:
+                log.info("leader pid %s hands off; electing the next", conn.peer_pid)
+                conn.draining = True
+                if not conn.pending:
+                    conn.close()
+                self._leave_conn()
+        elif wire[0] == MsgType.CHANNEL_ERROR:
+            for st in self.channels.values():
+                if st.wire_id == wire[1] and conn is self.conn:
+                    st.emit_error(exception_from(Error(0, ErrorCode.RAISED, wire[2], wire[3], [wire[3]], ""), conn.peer_pid))
+
+    # -- calls (any thread) -------------------------------------------------------------
+
+    def _route_sync(self, state: ChannelState, stale: Any, until: float) -> Any:
+        while True:
+            route = state.route
+            if route is not None and route is not stale:
+                return route
+            if state.fatal is not None:
+                raise state.fatal
+            if self.closing and self.role is Role.CLOSED:
+                raise ClientClosedError("the client is closed")
+            left = until - time.monotonic()
+            if left <= 0:
+                raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
+            forbid_loop_thread("waiting for a connshare leader")
+            avail = state.avail
+            if state.route is None or state.route is stale:
+                try:
+                    avail.result(min(left, 0.05) if stale is not None else left)
+                except concurrent.futures.TimeoutError:
+                    pass
+
+    async def _route_async(self, state: ChannelState, stale: Any, until: float) -> Any:
+        while True:
+            route = state.route
+            if route is not None and route is not stale:
+                return route
+            if state.fatal is not None:
+                raise state.fatal
+            if self.closing and self.role is Role.CLOSED:
+                raise ClientClosedError("the client is closed")
+            left = until - time.monotonic()
+            if left <= 0:
+                raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
+            avail = state.avail
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(avail), min(left, 0.05) if stale is not None else left)
+            except asyncio.TimeoutError:
+                pass
+
+    def invoke_sync(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict, timeout: float) -> Any:
+        start = time.monotonic()
+        deadline = start + timeout
+        wait_until = min(deadline, start + self.options.max_wait_time)
+        route = state.route
+        stale = None
+        retried = False
+        while True:
+            if route is None or route is stale:
+                route = self._route_sync(state, stale, wait_until)
+            if type(route) is ChannelHost:
+                return self._local_sync(route, spec.name, args, kwargs, deadline)
+            conn, wire_id = route
+            try:
+                return conn.request_sync([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], max(deadline - time.monotonic(), 0.0))
+            except LeaderLostError:
+                if not spec.idempotent or retried:
+                    raise
+                retried = True
+                stale = route
+
+    def _local_sync(self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float) -> Any:
+        fn, is_coro = host.resolve(method)
+        if not is_coro:
+            return fn(*args, **kwargs)
+        forbid_loop_thread(f"the blocking call of coroutine method {method!r}")
+        cf = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop)
+        try:
+            return cf.result(max(deadline - time.monotonic(), 0.0))
+        except concurrent.futures.TimeoutError:
+            cf.cancel()
+            raise CallTimeoutError(f"{method!r} did not finish in time") from None
+
+    async def invoke_async(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict, timeout: float) -> Any:
+        start = time.monotonic()
+        deadline = start + timeout
+        wait_until = min(deadline, start + self.options.max_wait_time)
+        loop = asyncio.get_running_loop()
+        route = state.route
+        stale = None
+        retried = False
+        while True:
+            if route is None or route is stale:
+                route = await self._route_async(state, stale, wait_until)
+            if type(route) is ChannelHost:
+                return await self._local_async(route, spec.name, args, kwargs, deadline, loop)
+            conn, wire_id = route
+            try:
+                rid, fut = conn.request_async([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], loop)
+                handle = loop.call_later(max(deadline - time.monotonic(), 0.0), _expire, fut, conn, rid, timeout)
+                try:
+                    return await fut
+                finally:
+                    handle.cancel()
+                    if not fut.done():
+                        conn.forget(rid)
+            except LeaderLostError:
+                if not spec.idempotent or retried:
+                    raise
+                retried = True
+                stale = route
+
+    async def _local_async(self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
+        fn, is_coro = host.resolve(method)
+        left = max(deadline - time.monotonic(), 0.0)
+        try:
+            if not is_coro:
+                return await asyncio.wait_for(loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs)), left)
+            if loop is self.loop:
+                return await asyncio.wait_for(fn(*args, **kwargs), left)
+            cf = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop)
+            return await asyncio.wait_for(asyncio.wrap_future(cf), left)
+        except asyncio.TimeoutError:
+            raise CallTimeoutError(f"{method!r} did not finish in time") from None
+
+    def invoke_oneway(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict) -> None:
+        wire = [MsgType.INVOKE, 0, 0, spec.name, list(args), kwargs, ONEWAY, None]
+        self.codec.pack(wire)  # raise EncodeError here, in the caller
+        route = state.route
+        if route is not None and type(route) is not ChannelHost:
+            conn, wire[2] = route
+            try:
+                conn.send_oneway(wire)
+                return
+            except Exception:
+                pass
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._oneway_later(state, spec, args, kwargs)))
+
+    async def _oneway_later(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict) -> None:
+        try:
+            route = await self._route_async(state, None, time.monotonic() + self.options.max_wait_time)
+            if type(route) is ChannelHost:
+                fn, is_coro = route.resolve(spec.name)
+                if is_coro:
+                    await fn(*args, **kwargs)
+                else:
+                    await self.loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+            else:
+                conn, wire_id = route
+                conn.send_oneway([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, ONEWAY, None])
+        except Exception:
+            log.exception("oneway call %r failed", spec.name)
+
+    # -- subscriptions and publications (any thread) --------------------------------------------
+
+    def subscribe(self, state: ChannelState, method: str, reg: Any, listener: Any) -> None:
+        self.codec.pack([MsgType.SUBSCRIBE, 0, 0, method, reg])  # EncodeError in the caller
+        canon = canonical(reg)
+        with state.lock:
+            sub = state.subs.get((method, canon))
+            new = sub is None
+            if sub is None:
+                sub = state.subs[(method, canon)] = LocalSub(method, reg, canon)
+        sub.add(listener)
+        if new:
+            self.loop.call_soon_threadsafe(self._sub_route, state, sub)
+
+    def _sub_route(self, state: ChannelState, sub: LocalSub) -> None:
+        route = state.route
+        if type(route) is ChannelHost:
+            self._host_subscribe(route, state, sub)
+        elif route is not None:
+            try:
+                self._send_subscribe(route[0], state, sub)
+            except LeaderLostError:
+                pass  # resubscribed on the next leader
+        t = self.options.subscribe_timeout
+        if t is not None:
+            self.loop.call_later(t, self._sub_timeout, state, sub)
+
+    def _sub_timeout(self, state: ChannelState, sub: LocalSub) -> None:
+        if not sub.has_value and state.subs.get((sub.method, sub.canon)) is sub:
+            state.emit_error(CallTimeoutError(f"subscription {sub.method}({sub.reg!r}) got no value within subscribe_timeout={self.options.subscribe_timeout} s"))
+
+    def unsubscribe(self, state: ChannelState, reg: Any, listener: Any) -> None:
+        canon = canonical(reg)
+        gone = []
+        with state.lock:
+            for key, sub in list(state.subs.items()):
+                if sub.canon == canon and sub.remove(listener):
+                    del state.subs[key]
+                    gone.append(sub)
+        for sub in gone:
+            self.loop.call_soon_threadsafe(self._unsub_route, state, sub)
+
+    def _unsub_route(self, state: ChannelState, sub: LocalSub) -> None:
+        route = state.route
+        if type(route) is ChannelHost:
+            ks = route.keys.get((sub.method, sub.canon))
+            if ks is not None:
+                route.unsubscribe(ks, sub)
+        elif route is not None and sub.key_id is not None:
+            conn = route[0]
+            conn.keys.pop(sub.key_id, None)
+            try:
+                conn.send_oneway([MsgType.UNSUBSCRIBE, sub.key_id])
+            except LeaderLostError:
+                pass
+
+    def publish(self, state: ChannelState, method: str, reg: Any) -> None:
+        self.codec.pack([MsgType.PUBLISH, 0, method, reg])  # EncodeError in the caller
+        with state.lock:
+            state.publications[(method, canonical(reg))] = reg
+        self.loop.call_soon_threadsafe(self._pub_route, state, method, reg)
+
+    def _pub_route(self, state: ChannelState, method: str, reg: Any) -> None:
+        route = state.route
+        if type(route) is ChannelHost:
+            self._host_call(state, route.publish, method, reg)
+        elif route is not None:
+            try:
+                route[0].send_oneway([MsgType.PUBLISH, route[1], method, reg])
+            except LeaderLostError:
+                pass  # published again on the next leader
+
+    # -- closing -------------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._shutdown_inner()
+        except Exception:
+            log.exception("closing connshare on port %s failed", self.port)
+        finally:
+            self.role = Role.CLOSED
+            _forget(self)
+            if not self._closed_cf.done():
+                self._closed_cf.set_result(None)
+
+    async def _shutdown_inner(self) -> None:
+        for st in self.channels.values():
+            self._channel_failed(st, ClientClosedError("the client is closed")) if st.route is None else None
+        if self.role is Role.LEADER:
+            # Graceful handoff: free the port, tell the followers, answer what is in
+            # flight, and only then close the real clients.
+            self.leaving = True
+            if self.server is not None:
+                self.server.close()
+            for peer in list(self.peers):
+                if peer.open:
+                    peer.send([MsgType.GOODBYE])
+            grace = self.loop.time() + min(self.options.response_timeout, 10.0)
+            assert self._drained is not None
+            while (self.inflight or any(not p.closed for p in self.peers)) and self.loop.time() < grace:
+                self._drained.clear()
+                try:
+                    await asyncio.wait_for(self._drained.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+            for peer in list(self.peers):
+                if peer.transport is not None:
+                    peer.transport.close()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        for st in self.channels.values():
+            self._clear_route(st)
+            st.fatal = ClientClosedError("the client is closed")
+            if not st.avail.done():
+                st.avail.set_result(None)
+        hosts = list(self.hosts.values())
+        self.hosts.clear()
+        for host in hosts:
+            await host.close()
+        if self._main is not None and self._main is not asyncio.current_task():
+            self._main.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    def drop_after_fork(self) -> None:
+        """In a forked child: let go of the parent's sockets without touching them."""
+        socks = []
+        if self._listen_sock is not None:
+            socks.append(self._listen_sock)
+        for peer in self.peers:
+            if peer.transport is not None:
+                socks.append(peer.transport.get_extra_info("socket"))
+        if self.conn is not None:
+            socks.append(self.conn.sock)
+        for s in socks:
+            try:
+                fd = s.detach() if isinstance(s, socket.socket) else s.fileno()
+                if fd >= 0:
+                    os.close(fd)
+            except (OSError, AttributeError):
+                pass
+
+
+_nodes: dict[Any, Node] = {}
+_nodes_lock = threading.Lock()
+
+
+def node_for(options: Options) -> Node:
+    """This process's node for the options' port (or for single mode)."""
+    key = "single" if options.single_mode else options.port
+    with _nodes_lock:
+        node = _nodes.get(key)
+        if node is None or node.closing:
+            node = _nodes[key] = Node(options, key)
+        return node
+
+
+def _forget(node: Node) -> None:
+    with _nodes_lock:
+        if _nodes.get(node.key) is node:
+            del _nodes[node.key]
+
+
+def _after_fork_in_child() -> None:
+    global _nodes_lock
+    _nodes_lock = threading.Lock()
+    nodes = list(_nodes.values())
+    _nodes.clear()
+    for node in nodes:
+        node.drop_after_fork()
+        for client in list(node.clients):
+            client._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,123 @@
+"""Options of a cluster client: one frozen attrs class, validated at construction."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from ._errors import ConfigurationError
+from ._protocol import DEFAULT_MAX_FRAME_SIZE, Transcode
+
+#: Used when neither ``port=`` nor ``CONNSHARE_PORT`` is given. Below Linux's
+#: ephemeral range (32768+), and not a port any common server claims.
+DEFAULT_PORT = 26437
+
+
+def _env_port() -> int:
+    raw = os.environ.get("CONNSHARE_PORT")
+    if not raw:
+        return DEFAULT_PORT
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigurationError(f"CONNSHARE_PORT must be a port number, not {raw!r}") from None
+
+
+def _env_single_mode() -> bool:
+    return os.environ.get("CONNSHARE_SINGLE_MODE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _check(cond: bool, name: str, what: str, value: Any) -> None:
+    if not cond:
+        raise ConfigurationError(f"option {name!r} must be {what}, not {value!r}")
+
+
+def _positive(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, a.name, "a positive number", v)
+
+
+def _positive_or_none(inst: Any, a: attrs.Attribute, v: Any) -> None:
+    if v is not None:
+        _positive(inst, a, v)
+
+
+def _positive_int(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, a.name, "a positive int", v)
+
+
+def _port(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536, a.name, "a port number 1-65535", v)
+
+
+def _name(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(v is None or (isinstance(v, str) and 0 < len(v) <= 200), a.name, "a non-empty str", v)
+
+
+def _opt_bool(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(v is None or isinstance(v, bool), a.name, "True, False or None", v)
+
+
+def _bool(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(isinstance(v, bool), a.name, "True or False", v)
+
+
+def _secret(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(v is None or (isinstance(v, (str, bytes)) and len(v) >= 16), a.name, "None or a str/bytes of 16+ characters", v)
+
+
+def _transcode(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(v is None or isinstance(v, Transcode), a.name, "None or a connshare.Transcode", v)
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    """Every option of :func:`connshare.cluster`. Times are in seconds.
+
+    A bad value raises :class:`ConfigurationError` naming the option.
+    """
+
+    #: Channel name; several names share one port. Default: the client class's name.
+    name: str | None = attrs.field(default=None, validator=_name)
+    #: Local TCP port the processes compete for (127.0.0.1). Env ``CONNSHARE_PORT``.
+    port: int = attrs.field(factory=_env_port, validator=_port)
+    #: ``True``/``False`` forces the role; ``None`` lets the election decide.
+    is_leader: bool | None = attrs.field(default=None, validator=_opt_bool)
+    #: How long to wait for a leader (election, forced follower, calls during failover).
+    max_wait_time: float = attrs.field(default=30.0, validator=_positive)
+    #: Timeout of every call a follower forwards; raises CallTimeoutError.
+    response_timeout: float = attrs.field(default=10.0, validator=_positive)
+    #: Bound on connecting to the port and finishing the handshake.
+    connect_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: Report an error if a subscription gets no first value in this time.
+    subscribe_timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
+    #: Heartbeat period both ways; a peer silent for 3 periods is unresponsive.
+    heartbeat_interval: float | None = attrs.field(default=1.0, validator=_positive_or_none)
+    #: Push each value to every subscribed process (True) or to one of them (False).
+    is_broadcast: bool = attrs.field(default=True, validator=_bool)
+    #: No port, no peers: every client of a name in this process shares one real
+    #: client. Default: env ``CONNSHARE_SINGLE_MODE``.
+    single_mode: bool = attrs.field(factory=_env_single_mode, validator=_bool)
+    #: Delegate subscribe/unsubscribe/publish/close and every public method.
+    auto_generate: bool = attrs.field(default=False, validator=_bool)
+    #: Shared secret; ``None``: a random key in a 0600 per-user file, keyed by port.
+    secret: str | bytes | None = attrs.field(default=None, validator=_secret, repr=False)
+    #: User types on the wire (msgpack ext types); everything else is plain msgpack.
+    transcode: Transcode | None = attrs.field(default=None, validator=_transcode)
+    #: Largest frame either side sends or accepts.
+    max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_positive_int)
+    #: Calls one follower may have in flight on the leader.
+    max_inflight_per_follower: int = attrs.field(default=10_000, validator=_positive_int)
+    #: Distinct keys one follower may subscribe.
+    max_subscriptions_per_follower: int = attrs.field(default=10_000, validator=_positive_int)
+    #: Followers one leader serves.
+    max_followers: int = attrs.field(default=1024, validator=_positive_int)
+    #: Bytes the leader queues for one follower before it drops that (slow) follower.
+    max_buffered_bytes: int = attrs.field(default=32 * 1024 * 1024, validator=_positive_int)
+    #: Threads the leader runs blocking methods in.
+    worker_threads: int = attrs.field(default=16, validator=_positive_int)
+
+    def secret_bytes(self) -> bytes | None:
+        s = self.secret
+        return s.encode() if isinstance(s, str) else s

@@ -1,0 +1,464 @@
+"""The connshare wire protocol, with no I/O: bytes in, messages out, and back.
+
+A frame is a 4-byte big-endian length followed by that many bytes of msgpack. The
+msgpack value is an array whose first item is a :class:`MsgType` and whose other items
+are the message's fields, in the order its class declares them.
+
+A connection starts with a handshake (see :class:`FollowerHandshake` and
+:class:`LeaderHandshake`): HELLO and CHALLENGE carry a magic value and the protocol
+version, then both sides prove with HMAC-SHA256 over fresh nonces that they know the
+shared secret. Only after WELCOME may either side send anything else.
+
+No pickle, ever: values are msgpack types, plus whatever the ``transcode`` option
+turns into msgpack ``ExtType`` values. Map keys must be ``str`` or ``bytes``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import os
+import struct
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+import msgpack
+
+from ._errors import (
+    AuthenticationError,
+    EncodeError,
+    FrameTooLargeError,
+    LimitExceededError,
+    ProtocolError,
+    ProtocolVersionError,
+)
+
+MAGIC = "connshare"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+NONCE_SIZE = 16
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    REGISTER = 10
+    SUBSCRIBE = 11
+    UNSUBSCRIBE = 12
+    EVENT = 13
+    PUBLISH = 14
+    INVOKE = 15
+    RESULT = 16
+    ERROR = 17
+    PING = 18
+    PONG = 19
+    GOODBYE = 20
+    CHANNEL_ERROR = 21
+
+
+class ErrorCode(enum.IntEnum):
+    """Why an ERROR message was sent; ``RAISED`` means the real client raised."""
+
+    RAISED = 0
+    PROTOCOL = 1
+    VERSION = 2
+    AUTH = 3
+    NO_CHANNEL = 4
+    NOT_ALLOWED = 5
+    LIMIT = 6
+    TIMEOUT = 7
+    NOT_READY = 8
+    SHUTTING_DOWN = 9
+
+
+# Invoke flags.
+ONEWAY = 1
+
+_INT = (int,)
+_STR = (str,)
+_BYTES = (bytes,)
+_LIST = (list,)
+_DICT = (dict,)
+_ANY = (object,)
+_NUM_OR_NONE = (int, float, type(None))
+_STR_OR_NONE = (str, type(None))
+
+MESSAGES: dict[int, type[Message]] = {}
+
+
+def _message(type_: MsgType, *shape: tuple[type, ...]) -> Callable[[type], type]:
+    """Register a message class for ``type_`` whose fields have the given types."""
+
+    def wrap(cls: type) -> type:
+        cls = attrs.frozen(cls)
+        cls.TYPE = type_
+        cls.SHAPE = shape
+        assert len(attrs.fields(cls)) == len(shape), cls
+        MESSAGES[type_] = cls
+        return cls
+
+    return wrap
+
+
+class Message:
+    """Base of every message class; ``to_wire()`` gives the msgpack array."""
+
+    TYPE: ClassVar[MsgType]
+    SHAPE: ClassVar[tuple[tuple[type, ...], ...]]
+    __slots__ = ()
+
+    def to_wire(self) -> list[Any]:
+        return [self.TYPE, *attrs.astuple(self, recurse=False)]
+
+
+@_message(MsgType.HELLO, _STR, _INT, _INT, _BYTES)
+class Hello(Message):
+    magic: str
+    version: int
+    pid: int
+    nonce: bytes
+
+
+@_message(MsgType.CHALLENGE, _STR, _INT, _INT, _BYTES, _BYTES)
+class Challenge(Message):
+    magic: str
+    version: int
+    pid: int
+    nonce: bytes
+    proof: bytes
+
+
+@_message(MsgType.AUTH, _BYTES)
+class Auth(Message):
+    proof: bytes
+
+
+@_message(MsgType.WELCOME)
+class Welcome(Message):
+    pass
+
+
+@_message(MsgType.REGISTER, _INT, _STR)
+class Register(Message):
+    rid: int
+    name: str
+
+
+@_message(MsgType.SUBSCRIBE, _INT, _INT, _STR, _ANY)
+class Subscribe(Message):
+    rid: int
+    channel: int
+    method: str
+    reg: Any
+
+
+@_message(MsgType.UNSUBSCRIBE, _INT)
+class Unsubscribe(Message):
+    key: int
+
+
+@_message(MsgType.EVENT, _INT, _ANY)
+class Event(Message):
+    key: int
+    value: Any
+
+
+@_message(MsgType.PUBLISH, _INT, _STR, _ANY)
+class Publish(Message):
+    channel: int
+    method: str
+    reg: Any
+
+
+@_message(MsgType.INVOKE, _INT, _INT, _STR, _LIST, _DICT, _INT, _NUM_OR_NONE)
+class Invoke(Message):
+    rid: int
+    channel: int
+    method: str
+    args: list
+    kwargs: dict
+    flags: int
+    timeout: float | None
+
+
+@_message(MsgType.RESULT, _INT, _ANY)
+class Result(Message):
+    rid: int
+    value: Any
+
+
+@_message(MsgType.ERROR, _INT, _INT, _STR, _STR, _LIST, _STR)
+class Error(Message):
+    """An error answer to request ``rid`` (0: about the connection itself).
+
+    ``type_name`` is ``module:qualname`` of the exception class.
+    """
+
+    rid: int
+    code: int
+    type_name: str
+    message: str
+    args: list
+    traceback: str
+
+
+@_message(MsgType.PING, _INT)
+class Ping(Message):
+    token: int
+
+
+@_message(MsgType.PONG, _INT)
+class Pong(Message):
+    token: int
+
+
+@_message(MsgType.GOODBYE)
+class Goodbye(Message):
+    """The leader is leaving: elect the next one, finish calls already sent."""
+
+
+@_message(MsgType.CHANNEL_ERROR, _INT, _STR, _STR)
+class ChannelError(Message):
+    """The real client of ``channel`` emitted an error event."""
+
+    channel: int
+    type_name: str
+    message: str
+
+
+def check_keys(value: Any) -> None:
+    """Raise :class:`EncodeError` where a map key is not ``str`` or ``bytes``."""
+    t = type(value)
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str and type(k) is not bytes:
+                raise EncodeError(f"map keys must be str or bytes, not {type(k).__name__}: {k!r}")
+            check_keys(v)
+    elif t is list or t is tuple:
+        for v in value:
+            check_keys(v)
+
+
+SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+@attrs.frozen
+class Transcode:
+    """How user types cross the wire: ``encode`` turns a value msgpack cannot pack
+    into an ``msgpack.ExtType`` (or a packable value); ``decode(code, data)`` turns an
+    ``ExtType`` back into the user's value."""
+
+    encode: Callable[[Any], Any]
+    decode: Callable[[int, bytes], Any]
+
+
+class Codec:
+    """Packs messages into frames and unpacks frames into wire arrays.
+
+    One codec per connection end; it holds no buffer (see :class:`FrameDecoder`).
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, transcode: Transcode | None = None):
+        self.max_frame_size = max_frame_size
+        self.transcode = transcode
+        default = transcode.encode if transcode else None
+        self._packer = msgpack.Packer(use_bin_type=True, default=default, autoreset=True)
+        self._ext_hook = transcode.decode if transcode else msgpack.ExtType
+
+    def pack(self, wire: list[Any]) -> bytes:
+        """One frame for the wire array ``wire``. Raises :class:`EncodeError`."""
+        if self.transcode is None:
+            for item in wire:
+                if type(item) not in SCALARS:
+                    check_keys(item)
+        try:
+            body = self._packer.pack(wire)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EncodeError(f"cannot encode for the wire: {exc}") from exc
+        if len(body) > self.max_frame_size:
+            raise FrameTooLargeError(f"frame of {len(body)} bytes exceeds max_frame_size={self.max_frame_size}")
+        return HEADER.pack(len(body)) + body
+
+    def encode(self, msg: Message) -> bytes:
+        return self.pack(msg.to_wire())
+
+    def unpack(self, body: bytes | memoryview) -> list[Any]:
+        """The wire array of one frame body, its shape checked. Raises ProtocolError."""
+        try:
+            wire = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=self._ext_hook)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise ProtocolError(f"frame is not valid msgpack: {exc}") from exc
+        check_shape(wire)
+        return wire
+
+
+def check_shape(wire: Any) -> None:
+    """Raise :class:`ProtocolError` unless ``wire`` is a well-formed message array."""
+    if type(wire) is not list or not wire:
+        raise ProtocolError(f"a message must be a non-empty array, not {type(wire).__name__}")
+    cls = MESSAGES.get(wire[0]) if type(wire[0]) is int else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {wire[0]!r}")
+    shape = cls.SHAPE
+    if len(wire) != len(shape) + 1:
+        raise ProtocolError(f"{cls.__name__} takes {len(shape)} fields, got {len(wire) - 1}")
+    for i, types in enumerate(shape, 1):
+        v = wire[i]
+        if types is not _ANY and not isinstance(v, types):
+            raise ProtocolError(f"{cls.__name__} field {i} has type {type(v).__name__}")
+        if types is _INT and (type(v) is bool or v < 0):
+            raise ProtocolError(f"{cls.__name__} field {i} must be a non-negative int")
+
+
+def to_message(wire: list[Any]) -> Message:
+    """The message object of a shape-checked wire array."""
+    return MESSAGES[wire[0]](*wire[1:])
+
+
+class FrameDecoder:
+    """Splits a byte stream into frame bodies; refuses frames over the size limit."""
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
+        """Bodies of every frame completed by ``data``. Raises FrameTooLargeError."""
+        buf = self._buf
+        buf += data
+        out = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            (n,) = HEADER.unpack_from(buf, pos)
+            if n > self.max_frame_size:
+                raise FrameTooLargeError(f"peer announced a frame of {n} bytes; max_frame_size={self.max_frame_size}")
+            if end - pos - 4 < n:
+                break
+            out.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            pos += 4 + n
+        if pos:
+            del buf[:pos]
+        return out
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole frame."""
+        return len(self._buf)
+
+
+# --- handshake ---------------------------------------------------------------------
+
+
+def _proof(secret: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
+    return hmac.new(secret, role + first + second, hashlib.sha256).digest()
+
+
+class HandshakeState(enum.IntEnum):
+    START = 0
+    SENT_HELLO = 1
+    SENT_CHALLENGE = 2
+    OPEN = 3
+    FAILED = 4
+
+
+@attrs.define
+class FollowerHandshake:
+    """The follower's side: HELLO, check the leader's proof, send ours.
+
+    ``receive`` returns the messages to send next; it raises AuthenticationError,
+    ProtocolVersionError or ProtocolError when the peer fails.
+    """
+
+    secret: bytes
+    pid: int = attrs.field(factory=os.getpid)
+    nonce: bytes = attrs.field(factory=lambda: os.urandom(NONCE_SIZE))
+    state: HandshakeState = HandshakeState.START
+    peer_pid: int | None = None
+
+    def start(self) -> Message:
+        self.state = HandshakeState.SENT_HELLO
+        return Hello(MAGIC, PROTOCOL_VERSION, self.pid, self.nonce)
+
+    def receive(self, msg: Message) -> list[Message]:
+        if self.state is HandshakeState.SENT_HELLO and isinstance(msg, Challenge):
+            if msg.magic != MAGIC:
+                raise self._fail(ProtocolError(f"peer answered with magic {msg.magic!r}"))
+            if msg.version != PROTOCOL_VERSION:
+                raise self._fail(ProtocolVersionError(f"leader speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}"))
+            expected = _proof(self.secret, b"L", self.nonce, msg.nonce)
+            if len(msg.nonce) != NONCE_SIZE or not hmac.compare_digest(expected, msg.proof):
+                raise self._fail(AuthenticationError(f"the leader (pid {msg.pid}) does not know the shared secret"))
+            self.peer_pid = msg.pid
+            self.state = HandshakeState.SENT_CHALLENGE
+            return [Auth(_proof(self.secret, b"F", msg.nonce, self.nonce))]
+        if self.state is HandshakeState.SENT_CHALLENGE and isinstance(msg, Welcome):
+            self.state = HandshakeState.OPEN
+            return []
+        if isinstance(msg, Error):
+            if msg.code == ErrorCode.VERSION:
+                raise self._fail(ProtocolVersionError(msg.message))
+            if msg.code == ErrorCode.AUTH:
+                raise self._fail(AuthenticationError(msg.message))
+            if msg.code == ErrorCode.LIMIT:
+                raise self._fail(LimitExceededError(msg.message))
+            raise self._fail(ProtocolError(f"leader refused the handshake: {msg.message}"))
+        raise self._fail(ProtocolError(f"unexpected {type(msg).__name__} during the handshake"))
+
+    def _fail(self, exc: Exception) -> Exception:
+        self.state = HandshakeState.FAILED
+        return exc
+
+
+@attrs.define
+class LeaderHandshake:
+    """The leader's side: answer HELLO with a challenge and our proof, check theirs."""
+
+    secret: bytes
+    pid: int = attrs.field(factory=os.getpid)
+    nonce: bytes = attrs.field(factory=lambda: os.urandom(NONCE_SIZE))
+    state: HandshakeState = HandshakeState.START
+    peer_pid: int | None = None
+    _peer_nonce: bytes = b""
+
+    def receive(self, msg: Message) -> list[Message]:
+        """Messages to send back. On failure raises; ``reply_for(exc)`` says why."""
+        if self.state is HandshakeState.START and isinstance(msg, Hello):
+            if msg.magic != MAGIC:
+                raise self._fail(ProtocolError(f"peer said magic {msg.magic!r}"))
+            if msg.version != PROTOCOL_VERSION:
+                raise self._fail(ProtocolVersionError(f"leader speaks protocol {PROTOCOL_VERSION}, follower speaks {msg.version}"))
+            if len(msg.nonce) != NONCE_SIZE:
+                raise self._fail(ProtocolError("bad nonce size"))
+            self.peer_pid = msg.pid
+            self._peer_nonce = msg.nonce
+            self.state = HandshakeState.SENT_CHALLENGE
+            proof = _proof(self.secret, b"L", msg.nonce, self.nonce)
+            return [Challenge(MAGIC, PROTOCOL_VERSION, self.pid, self.nonce, proof)]
+        if self.state is HandshakeState.SENT_CHALLENGE and isinstance(msg, Auth):
+            expected = _proof(self.secret, b"F", self.nonce, self._peer_nonce)
+            if not hmac.compare_digest(expected, msg.proof):
+                raise self._fail(AuthenticationError(f"follower pid {self.peer_pid} does not know the shared secret"))
+            self.state = HandshakeState.OPEN
+            return [Welcome()]
+        raise self._fail(ProtocolError(f"unexpected {type(msg).__name__} during the handshake"))
+
+    def _fail(self, exc: Exception) -> Exception:
+        self.state = HandshakeState.FAILED
+        return exc
+
+    @staticmethod
+    def reply_for(exc: Exception) -> Error:
+        """The ERROR to send a peer whose handshake failed with ``exc``."""
+        if isinstance(exc, ProtocolVersionError):
+            code = ErrorCode.VERSION
+        elif isinstance(exc, AuthenticationError):
+            code = ErrorCode.AUTH
+        else:
+            code = ErrorCode.PROTOCOL
+        return Error(0, code, type(exc).__name__, str(exc), [], "")

@@ -1,0 +1,78 @@
+"""Exceptions across the wire, both ways, without importing anything the wire names."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Any
+
+from . import _errors
+from ._errors import (
+    CallTimeoutError,
+    ChannelNotFoundError,
+    ConnshareError,
+    LimitExceededError,
+    MethodNotAllowedError,
+    NotReadyError,
+    RemoteError,
+    RemoteTraceback,
+)
+from ._protocol import SCALARS, Error, ErrorCode
+
+_CODE_TYPES: dict[int, type[ConnshareError]] = {
+    ErrorCode.NO_CHANNEL: ChannelNotFoundError,
+    ErrorCode.NOT_ALLOWED: MethodNotAllowedError,
+    ErrorCode.LIMIT: LimitExceededError,
+    ErrorCode.TIMEOUT: CallTimeoutError,
+    ErrorCode.NOT_READY: NotReadyError,
+}
+
+
+def _wire_args(args: tuple) -> list:
+    # Only plain scalars cross: anything else becomes its repr, so encoding an
+    # error can never fail.
+    return [a if type(a) in SCALARS else repr(a) for a in args]
+
+
+def error_message(rid: int, exc: BaseException, code: int = ErrorCode.RAISED) -> Error:
+    """The ERROR message that carries ``exc`` to the caller of request ``rid``."""
+    cls = type(exc)
+    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+    return Error(rid, code, f"{cls.__module__}:{cls.__qualname__}", str(exc), _wire_args(exc.args), tb)
+
+
+def _lookup(type_name: str) -> type | None:
+    module, _, qualname = type_name.partition(":")
+    obj: Any = sys.modules.get(module)  # looked up, never imported
+    for part in qualname.split("."):
+        if obj is None or part.startswith("<"):
+            return None
+        obj = getattr(obj, part, None)
+    if isinstance(obj, type) and issubclass(obj, Exception):
+        return obj
+    return None
+
+
+def exception_from(msg: Error, pid: int | None = None) -> Exception:
+    """The exception to raise in the caller for an ERROR message."""
+    if msg.code != ErrorCode.RAISED:
+        cls = _CODE_TYPES.get(msg.code)
+        if cls is None:
+            cls = _lookup(msg.type_name) if msg.type_name.startswith("connshare.") else None
+            cls = cls or _errors.ProtocolError
+        exc: Exception = cls(msg.message)
+    else:
+        cls = _lookup(msg.type_name)
+        exc = None  # type: ignore[assignment]
+        if cls is not None:
+            try:
+                exc = cls(*msg.args)
+            except Exception:
+                exc = None  # type: ignore[assignment]
+        if exc is None:
+            exc = RemoteError(msg.type_name.replace(":", "."), msg.message, tuple(msg.args))
+    if msg.traceback:
+        where = f"leader pid {pid}" if pid else "the leader"
+        exc.__cause__ = RemoteTraceback(f"Traceback in {where}:\n{msg.traceback}")
+    exc.remote_traceback = msg.traceback  # type: ignore[attr-defined]
+    return exc

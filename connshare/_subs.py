@@ -1,0 +1,120 @@
+"""A process's own subscriptions: one per (method, key), however many listeners.
+
+The same :class:`LocalSub` object serves whatever role the process has: the leader's
+channel host delivers into it directly; a follower's reader thread delivers into it
+from the wire. It keeps the last value, so a listener added later gets it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from ._loop import get_loop
+
+log = logging.getLogger("connshare.subs")
+
+
+def canonical(reg: Any) -> bytes:
+    """A key for ``reg`` that does not depend on dict order."""
+
+    def norm(v: Any) -> Any:
+        if isinstance(v, dict):
+            return [[norm(k), norm(x)] for k, x in sorted(v.items(), key=lambda kv: repr(kv[0]))]
+        if isinstance(v, (list, tuple)):
+            return [norm(x) for x in v]
+        return v
+
+    return msgpack.packb(norm(reg), use_bin_type=True, default=repr)
+
+
+class Listener:
+    """A listener and where it runs: the loop it was registered from, else connshare's."""
+
+    __slots__ = ("fn", "loop", "thread", "is_coro")
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.is_coro = inspect.iscoroutinefunction(fn)
+        try:
+            self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self.thread: int | None = threading.get_ident()
+        except RuntimeError:
+            self.loop = None
+            self.thread = None
+
+    def call(self, value: Any) -> None:
+        loop = self.loop
+        if loop is None:
+            loop = get_loop()
+        elif loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._run, value)
+        except RuntimeError:  # that loop was closed under us
+            pass
+
+    def _run(self, value: Any) -> None:
+        try:
+            if self.is_coro:
+                task = asyncio.ensure_future(self.fn(value))
+                task.add_done_callback(_log_task_error)
+            else:
+                self.fn(value)
+        except Exception:
+            log.exception("subscription listener %r raised", self.fn)
+
+
+def _log_task_error(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("subscription listener raised", exc_info=task.exception())
+
+
+class LocalSub:
+    """This process's subscription to one key of one channel."""
+
+    __slots__ = ("method", "reg", "canon", "listeners", "has_value", "value", "key_id", "lock")
+
+    def __init__(self, method: str, reg: Any, canon: bytes) -> None:
+        self.method = method
+        self.reg = reg
+        self.canon = canon
+        self.listeners: list[Listener] = []
+        self.has_value = False
+        self.value: Any = None
+        self.key_id: int | None = None  # the leader's id for it, while following
+        self.lock = threading.Lock()
+
+    def add(self, listener: Listener) -> None:
+        with self.lock:
+            self.listeners.append(listener)
+            has, value = self.has_value, self.value
+        if has:
+            listener.call(value)
+
+    def remove(self, fn: Callable[[Any], Any] | None) -> bool:
+        """Drop ``fn`` (all listeners if None); True when none is left."""
+        with self.lock:
+            if fn is None:
+                self.listeners.clear()
+            else:
+                self.listeners = [ls for ls in self.listeners if ls.fn != fn]
+            return not self.listeners
+
+    def deliver(self, value: Any) -> None:
+        with self.lock:
+            self.has_value = True
+            self.value = value
+            listeners = list(self.listeners)
+        for ls in listeners:
+            ls.call(value)
+
+    def push(self, _key: Any, value: Any) -> None:
+        """As a sink of the leader's channel host (this process leads)."""
+        self.deliver(value)
