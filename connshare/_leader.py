@@ -1,13 +1,19 @@
-"""The leader's end of each follower connection, an asyncio protocol over the
-sans-I/O core. A peer that breaks the protocol, fails the handshake, floods, or stops
-reading is dropped with a logged reason; every other follower keeps being served."""
+"""The leader's end of each follower connection, over the sans-I/O core.
+
+Reads run on connshare's loop (``add_reader``). Writes may come from any thread: a
+worker thread that ran a blocking method writes its answer straight to the socket
+under the peer's lock, instead of handing it back to the loop first. Bytes the
+socket does not take at once wait in a bounded buffer that the loop flushes.
+
+A peer that breaks the protocol, fails the handshake, floods, or stops reading is
+dropped with a logged reason; every other follower keeps being served."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import socket
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -49,48 +55,97 @@ def _code_for(exc: BaseException) -> int:
     return ErrorCode.RAISED
 
 
-class PeerProtocol(asyncio.Protocol):
+class PeerProtocol:
     """One follower, as the leader sees it."""
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, sock: socket.socket) -> None:
         self.node = node
         self.loop = node.loop
         self.codec = node.codec
         self.options = node.options
         self.decoder = FrameDecoder(node.options.max_frame_size)
         self.handshake = LeaderHandshake(node.secret)
-        self.transport: asyncio.Transport | None = None
-        self.addr: Any = None
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr: Any = sock.getpeername()
         self.open = False
         self.closed = False
         self.channels: dict[int, ChannelHost] = {}
         self.subs: dict[int, tuple[ChannelHost, KeyState]] = {}
         self.inflight = 0
         self.last_rx = time.monotonic()
+        self._wlock = threading.Lock()
+        self._wbuf = bytearray()
         self._hs_timer: asyncio.TimerHandle | None = None
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     @property
     def pid(self) -> int | None:
         return self.handshake.peer_pid
 
-    # -- asyncio.Protocol --------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.addr = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def start(self) -> None:
+        """Begin serving (on the loop)."""
         if len(self.node.peers) >= self.options.max_followers:
+            self.node.peers.add(self)
             self._refuse(LimitExceededError(f"the leader serves max_followers={self.options.max_followers} already"), ErrorCode.LIMIT)
             return
         self.node.peers.add(self)
+        self.loop.add_reader(self.fd, self._on_readable)
         self._hs_timer = self.loop.call_later(self.options.connect_timeout, self._handshake_timeout)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    # -- the socket (loop side) --------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        # recv_into one buffer per leader: recv(256 KiB) would mmap and munmap a
+        # fresh block on every read.
+        buf = self.node.read_buffer
+        try:
+            n = self.sock.recv_into(buf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"read failed: {exc}")
+            return
+        if not n:
+            self._lost(None)
+            return
+        self.data_received(memoryview(buf)[:n])
+
+    def _on_writable(self) -> None:
+        with self._wlock:
+            if self.closed:
+                return
+            try:
+                n = self.sock.send(self._wbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.loop.call_soon(self._lost, f"write failed: {exc}")
+                return
+            del self._wbuf[:n]
+            if not self._wbuf:
+                self.loop.remove_writer(self.fd)
+                if self._closing_after_flush:
+                    self.loop.call_soon(self._lost, None)
+
+    _closing_after_flush = False
+
+    def _lost(self, reason: str | None) -> None:
+        """The connection is over (on the loop): release everything it held."""
+        if reason is not None and not self.closed:
+            log.debug("peer %s (pid %s): %s", self.addr, self.pid, reason)
         self.closed = True
+        if self.fd < 0:
+            return
         if self._hs_timer is not None:
             self._hs_timer.cancel()
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        with self._wlock:
+            self.fd = -1
+            self._wbuf.clear()
+            self.sock.close()
         self.node.peers.discard(self)
         for host, ks in self.subs.values():
             host.unsubscribe(ks, self)
@@ -102,7 +157,7 @@ class PeerProtocol(asyncio.Protocol):
             log.debug("follower pid %s at %s left", self.pid, self.addr)
         self.node.on_peer_gone(self)
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         self.last_rx = time.monotonic()
         try:
             bodies = self.decoder.feed(data)
@@ -120,40 +175,65 @@ class PeerProtocol(asyncio.Protocol):
             log.exception("leader: handling a frame from %s failed", self.addr)
             self.drop(f"internal error: {exc!r}")
 
-    def eof_received(self) -> bool:
-        return False
-
-    # -- sending -------------------------------------------------------------------------
+    # -- sending (any thread) --------------------------------------------------------------
 
     def write(self, frame: bytes) -> None:
-        t = self.transport
-        if t is None or self.closed:
-            return
-        t.write(frame)
-        if t.get_write_buffer_size() > self.options.max_buffered_bytes:
+        over = False
+        with self._wlock:
+            if self.closed or self.fd < 0:
+                return
+            if not self._wbuf:
+                try:
+                    n = self.sock.send(frame)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError:
+                    return  # the reader sees the broken socket and cleans up
+                if n == len(frame):
+                    return
+                self._wbuf += memoryview(frame)[n:]
+                self._arm_writer()
+            else:
+                self._wbuf += frame
+            over = len(self._wbuf) > self.options.max_buffered_bytes
+        if over:
             self.drop(f"follower is not reading: over max_buffered_bytes={self.options.max_buffered_bytes} queued")
+
+    def _arm_writer(self) -> None:
+        if self.node.on_loop():
+            self.loop.add_writer(self.fd, self._on_writable)
+        else:
+            self.loop.call_soon_threadsafe(self._arm_writer_on_loop)
+
+    def _arm_writer_on_loop(self) -> None:
+        if self.fd >= 0 and self._wbuf:
+            self.loop.add_writer(self.fd, self._on_writable)
 
     def send(self, wire: list) -> None:
         self.write(self.codec.pack(wire))
 
     def drop(self, reason: str) -> None:
-        """Disconnect this peer, logging why."""
+        """Disconnect this peer now (from any thread), logging why."""
         if self.closed:
             return
         self.closed = True
         log.warning("leader: dropping peer %s (pid %s): %s", self.addr, self.pid, reason)
-        if self.transport is not None:
-            self.transport.abort()
+        if self.node.on_loop():
+            self._lost(reason)
+        else:
+            self.loop.call_soon_threadsafe(self._lost, reason)
+
+    def close_after_flush(self) -> None:
+        """Close once queued bytes are out (on the loop)."""
+        if self._wbuf:
+            self._closing_after_flush = True
+        else:
+            self._lost(None)
 
     def _refuse(self, exc: Exception, code: int) -> None:
-        msg = error_message(0, exc, code)
-        try:
-            self.write(self.codec.encode(msg))
-        finally:
-            self.closed = True
-            log.warning("leader: refusing peer %s: %s", self.addr, exc)
-            if self.transport is not None:
-                self.transport.close()  # flushes the error first
+        log.warning("leader: refusing peer %s: %s", self.addr, exc)
+        self.write(self.codec.encode(error_message(0, exc, code)))
+        self.close_after_flush()
 
     # -- handshake --------------------------------------------------------------------------
 
@@ -165,12 +245,9 @@ class PeerProtocol(asyncio.Protocol):
         try:
             replies = self.handshake.receive(to_message(wire))
         except ConnshareError as exc:
-            msg = LeaderHandshake.reply_for(exc)
-            self.write(self.codec.encode(msg))
-            self.closed = True
             log.warning("leader: peer %s failed the handshake: %s", self.addr, exc)
-            if self.transport is not None:
-                self.transport.close()
+            self.write(self.codec.encode(LeaderHandshake.reply_for(exc)))
+            self.close_after_flush()
             return
         for m in replies:
             self.write(self.codec.encode(m))
@@ -270,8 +347,9 @@ class PeerProtocol(asyncio.Protocol):
         except Exception as exc:
             self._error(rid, exc)
             return
-        self.inflight += 1
-        self.node.inflight += 1
+        with self._wlock:
+            self.inflight += 1
+        self.node.call_started()
         if is_coro:
             try:
                 coro = fn(*args, **kwargs)
@@ -279,13 +357,18 @@ class PeerProtocol(asyncio.Protocol):
                 self._finish(rid, None, exc)
                 return
             task = self.loop.create_task(coro)
-            if timeout:
-                handle = self.loop.call_later(timeout, task.cancel)
-                task.add_done_callback(lambda _t: handle.cancel())
             task.add_done_callback(lambda t: self._task_done(rid, t))
         else:
-            cf = self.node.executor.submit(fn, *args, **kwargs)
-            cf.add_done_callback(lambda f: self.loop.call_soon_threadsafe(self._cf_done, rid, f))
+            self.node.workers.submit(self._run_blocking, rid, fn, args, kwargs)
+
+    def _run_blocking(self, rid: int, fn: Any, args: list, kwargs: dict) -> None:
+        """On a worker thread: run the method, write the answer from here."""
+        try:
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finish(rid, None, exc)
+        else:
+            self._finish(rid, value, None)
 
     def _task_done(self, rid: int, task: asyncio.Task) -> None:
         if task.cancelled():
@@ -294,13 +377,11 @@ class PeerProtocol(asyncio.Protocol):
             exc = task.exception()
             self._finish(rid, None if exc else task.result(), exc)
 
-    def _cf_done(self, rid: int, f: concurrent.futures.Future) -> None:
-        exc = f.exception()
-        self._finish(rid, None if exc else f.result(), exc)
-
     def _finish(self, rid: int, value: Any, exc: BaseException | None) -> None:
-        self.inflight -= 1
-        self.node.inflight -= 1
+        """Answer request ``rid`` (from the loop or a worker thread)."""
+        with self._wlock:
+            self.inflight -= 1
+        self.node.call_done()
         if rid and not self.closed:
             if exc is None:
                 try:
@@ -315,5 +396,4 @@ class PeerProtocol(asyncio.Protocol):
                 self.send(error_message(rid, exc, _code_for(exc)).to_wire())
         elif exc is not None and not rid:
             log.warning("leader: oneway call from pid %s raised %r", self.pid, exc)
-        self.node.maybe_drained()
 

@@ -39,7 +39,7 @@ from ._election import HOST, port_owner, try_bind
 from ._follower import FollowerConnection
 from ._host import ChannelHost
 from ._leader import PeerProtocol
-from ._loop import forbid_loop_thread, get_loop
+from ._loop import forbid_loop_thread, get_loop, on_loop_thread
 from ._options import Options
 from ._protocol import (
     ONEWAY,
@@ -58,6 +58,7 @@ from ._remote import exception_from
 from ._secret import load_or_create_secret
 from ._spec import Avail, ChannelState, MethodSpec
 from ._subs import LocalSub, canonical
+from ._workers import WorkerPool
 
 log = logging.getLogger("connshare.node")
 
@@ -97,7 +98,11 @@ class Node:
         self.hosts: dict[str, ChannelHost] = {}
         self.peers: set[PeerProtocol] = set()
         self.conn: FollowerConnection | None = None
-        self.server: asyncio.AbstractServer | None = None
+        self._accept_task: asyncio.Future | None = None
+        self._workers: WorkerPool | None = None
+        self._count_lock = threading.Lock()
+        #: every peer reads into this on the loop thread, one at a time
+        self.read_buffer = bytearray(256 * 1024)
         self._listen_sock: socket.socket | None = None
         self.inflight = 0
         self.leaving = False
@@ -309,7 +314,7 @@ class Node:
         self.leader_pid = os.getpid()
         self._listen_sock = sock
         log.info("pid %s leads port %s", os.getpid(), self.port)
-        self.server = await self.loop.create_server(lambda: PeerProtocol(self), sock=sock)
+        self._accept_task = asyncio.ensure_future(self._accept_loop(sock))
         for st in list(self.channels.values()):
             self._start_host(st)
         interval = self.options.heartbeat_interval
@@ -321,6 +326,43 @@ class Node:
             for peer in list(self.peers):
                 if peer.open and peer.last_rx < silent:
                     peer.drop(f"no heartbeat for {3 * interval:g} s")
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        while not self.leaving:
+            try:
+                conn, _ = await self.loop.sock_accept(sock)
+            except asyncio.CancelledError:
+                raise
+            except OSError as exc:
+                if self.leaving:
+                    return
+                log.warning("leader: accept failed: %r", exc)  # EMFILE and such: back off
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                PeerProtocol(self, conn).start()
+            except OSError:
+                conn.close()  # gone before we could look at it
+
+    def on_loop(self) -> bool:
+        return on_loop_thread()
+
+    @property
+    def workers(self) -> WorkerPool:
+        if self._workers is None:
+            self._workers = WorkerPool(self.options.worker_threads)
+        return self._workers
+
+    def call_started(self) -> None:
+        with self._count_lock:
+            self.inflight += 1
+
+    def call_done(self) -> None:
+        with self._count_lock:
+            self.inflight -= 1
+            idle = self.inflight == 0
+        if idle and self.leaving:
+            self.loop.call_soon_threadsafe(self.maybe_drained)
 
     def _start_host(self, state: ChannelState) -> None:
         if state.name in self.hosts:
@@ -728,8 +770,10 @@ class Node:
             # Graceful handoff: free the port, tell the followers, answer what is in
             # flight, and only then close the real clients.
             self.leaving = True
-            if self.server is not None:
-                self.server.close()
+            if self._accept_task is not None:
+                self._accept_task.cancel()
+            if self._listen_sock is not None:
+                self._listen_sock.close()  # the port is free for the next leader
             for peer in list(self.peers):
                 if peer.open:
                     peer.send([MsgType.GOODBYE])
@@ -742,8 +786,7 @@ class Node:
                 except asyncio.TimeoutError:
                     pass
             for peer in list(self.peers):
-                if peer.transport is not None:
-                    peer.transport.close()
+                peer.close_after_flush()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -760,6 +803,8 @@ class Node:
             self._main.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+        if self._workers is not None:
+            self._workers.shutdown()
 
     def drop_after_fork(self) -> None:
         """In a forked child: let go of the parent's sockets without touching them."""
@@ -767,8 +812,7 @@ class Node:
         if self._listen_sock is not None:
             socks.append(self._listen_sock)
         for peer in self.peers:
-            if peer.transport is not None:
-                socks.append(peer.transport.get_extra_info("socket"))
+            socks.append(peer.sock)
         if self.conn is not None:
             socks.append(self.conn.sock)
         for s in socks:

@@ -1,0 +1,205 @@
+"""A worker process driven by the tests over a pipe: it builds connshare clients
+and runs commands on them, and streams subscription events back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+import traceback
+from typing import Any
+
+import connshare
+from tests import clients as client_classes
+
+
+def describe(exc: BaseException) -> dict:
+    return {
+        "type": type(exc).__name__,
+        "mro": [c.__name__ for c in type(exc).__mro__],
+        "message": str(exc),
+        "args": [a if isinstance(a, (str, int, float, bool, type(None))) else repr(a) for a in exc.args],
+        "remote_traceback": getattr(exc, "remote_traceback", None),
+        "cause": type(exc.__cause__).__name__ if exc.__cause__ else None,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def build(spec: dict) -> Any:
+    cls = getattr(client_classes, spec["cls"])
+    b = connshare.cluster(cls, **spec.get("options", {}))
+    for d in spec.get("delegates", []):
+        if isinstance(d, str):
+            b.delegate(d)
+        else:
+            b.delegate(d[0], d[1], **(d[2] if len(d) > 2 else {}))
+    return b.create(*spec.get("args", ()))
+
+
+class Agent:
+    def __init__(self, conn: Any, specs: list[dict]) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.aloop = asyncio.new_event_loop()
+        threading.Thread(target=self.aloop.run_forever, daemon=True, name="agent-loop").start()
+        self.clients = {s.get("id", str(i)): build(s) for i, s in enumerate(specs)}
+        self.errors: dict[str, list] = {cid: [] for cid in self.clients}
+        for cid, c in self.clients.items():
+            c.on("error", lambda exc, cid=cid: self.errors[cid].append(describe(exc)))
+        self.loopers: dict[str, Any] = {}
+
+    def send(self, msg: Any) -> None:
+        with self.lock:
+            self.conn.send(msg)
+
+    def run(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                os._exit(0)
+            cmd_id, op, args = msg
+            threading.Thread(target=self.serve, args=(cmd_id, op, args), daemon=True).start()
+
+    def serve(self, cmd_id: int, op: str, args: tuple) -> None:
+        try:
+            result = getattr(self, "op_" + op)(*args)
+            self.send(("reply", cmd_id, True, result))
+        except BaseException as exc:
+            self.send(("reply", cmd_id, False, describe(exc)))
+
+    def _await(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.aloop).result(timeout)
+
+    # -- ops -------------------------------------------------------------------------
+    def op_pid(self) -> int:
+        return os.getpid()
+
+    def op_ready(self, cid: str, timeout: float) -> dict:
+        self.clients[cid].wait_ready(timeout)
+        return self.op_role(cid)
+
+    def op_role(self, cid: str) -> dict:
+        c = self.clients[cid]
+        return {"pid": os.getpid(), "is_leader": c.is_leader, "leader_pid": c.leader_pid, "role": c.role}
+
+    def op_call(self, cid: str, method: str, args: list, kwargs: dict | None = None) -> Any:
+        fn = getattr(self.clients[cid], method)
+        res = fn(*args, **(kwargs or {}))
+        if asyncio.iscoroutine(res):
+            return self._await(res)
+        return res
+
+    def op_timed_call(self, cid: str, method: str, args: list) -> tuple[Any, float]:
+        t0 = time.monotonic()
+        res = self.op_call(cid, method, args)
+        return res, time.monotonic() - t0
+
+    def op_acall(self, cid: str, method: str, args: list) -> Any:
+        c = self.clients[cid]
+
+        async def go() -> Any:
+            return await getattr(c, method)(*args)
+
+        return self._await(go())
+
+    def op_ainvoke(self, cid: str, method: str, args: list) -> Any:
+        c = self.clients[cid]
+        return self._await(c.ainvoke(method, *args))
+
+    def op_invoke(self, cid: str, method: str, args: list) -> Any:
+        return self.clients[cid].invoke(method, *args)
+
+    def op_subscribe(self, cid: str, reg: Any, tag: str, in_loop: bool = False, method: str = "subscribe") -> None:
+        c = self.clients[cid]
+
+        def listener(value: Any) -> None:
+            on_loop = False
+            try:
+                on_loop = asyncio.get_running_loop() is self.aloop
+            except RuntimeError:
+                pass
+            self.send(("event", tag, value, {"on_agent_loop": on_loop, "thread": threading.current_thread().name}))
+
+        if in_loop:
+
+            async def sub() -> None:
+                getattr(c, method)(reg, listener)
+
+            self._await(sub())
+        else:
+            getattr(c, method)(reg, listener)
+
+    def op_subscribe_calling(self, cid: str, reg: Any, tag: str) -> None:
+        """A listener that makes a blocking call (on connshare's thread)."""
+        c = self.clients[cid]
+
+        def listener(value: Any) -> None:
+            try:
+                c.echo(1)
+                self.send(("event", tag, "no error", {}))
+            except Exception as exc:
+                self.send(("event", tag, describe(exc)["mro"], {}))
+
+        c.subscribe(reg, listener)
+
+    def op_unsubscribe(self, cid: str, reg: Any) -> None:
+        self.clients[cid].unsubscribe(reg)
+
+    def op_publish(self, cid: str, reg: Any) -> None:
+        self.clients[cid].publish(reg)
+
+    def op_errors(self, cid: str) -> list:
+        return list(self.errors[cid])
+
+    def op_close(self, cid: str) -> None:
+        self.clients[cid].close()
+
+    def op_start_calls(self, cid: str, method: str, args: list, name: str = "calls") -> None:
+        """Call in a loop on a thread until stop_calls; record every outcome."""
+        c = self.clients[cid]
+        state = {"ok": 0, "errors": {}, "max": 0.0, "stop": False, "samples": []}
+        self.loopers[name] = state
+
+        def run() -> None:
+            fn = getattr(c, method)
+            while not state["stop"]:
+                t0 = time.monotonic()
+                try:
+                    fn(*args)
+                    state["ok"] += 1
+                except Exception as exc:
+                    state["errors"][type(exc).__name__] = state["errors"].get(type(exc).__name__, 0) + 1
+                dt = time.monotonic() - t0
+                state["max"] = max(state["max"], dt)
+
+        t = threading.Thread(target=run, daemon=True)
+        state["thread"] = t
+        t.start()
+
+    def op_calls_so_far(self, name: str = "calls") -> dict:
+        s = self.loopers[name]
+        return {"ok": s["ok"], "errors": dict(s["errors"]), "max": s["max"]}
+
+    def op_stop_calls(self, name: str = "calls") -> dict:
+        s = self.loopers.pop(name)
+        s["stop"] = True
+        s["thread"].join(30)
+        return {"ok": s["ok"], "errors": s["errors"], "max": s["max"], "alive": s["thread"].is_alive()}
+
+    def op_exit(self) -> None:
+        os._exit(0)
+
+
+def agent_main(conn: Any, specs: list[dict]) -> None:
+    import logging
+
+    logging.basicConfig(level=os.environ.get("CONNSHARE_TEST_LOG", "WARNING"))
+    try:
+        agent = Agent(conn, specs)
+    except BaseException as exc:
+        conn.send(("fatal", describe(exc)))
+        return
+    conn.send(("started", os.getpid()))
+    agent.run()

@@ -1,0 +1,142 @@
+"""Data clients the tests share through connshare. Imported by every process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from connshare import Base
+
+
+class AppError(Exception):
+    """Loaded in every process: crosses the wire as itself."""
+
+
+class KVClient(Base):
+    """Talks to tests.upstream over one TCP connection; knows nothing of processes."""
+
+    instances = 0
+
+    def __init__(self, port: int, fail: str | None = None) -> None:
+        super().__init__()
+        KVClient.instances += 1
+        self.built_loop = asyncio.get_running_loop()
+        self.pid = os.getpid()
+        if fail == "ready":
+            self.ready(RuntimeError("upstream refused us"))
+            return
+        self._sock = socket.create_connection(("127.0.0.1", port))
+        self._rfile = self._sock.makefile("rb")
+        self._wlock = threading.Lock()
+        self._ids = 0
+        self._waiters: dict[int, Any] = {}
+        self._listeners: dict[str, list[Any]] = {}
+        self.bumped = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready(True)
+
+    def _send(self, msg: dict) -> None:
+        with self._wlock:
+            self._sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def _read(self) -> None:
+        for line in self._rfile:
+            msg = json.loads(line)
+            if "event" in msg:
+                for fn in list(self._listeners.get(msg["event"], ())):
+                    fn({"key": msg["event"], "value": msg["value"], "leader": self.pid})
+            else:
+                ev, box = self._waiters.pop(msg["id"])
+                box.append(msg.get("value"))
+                ev.set()
+
+    # -- the data API ------------------------------------------------------------------
+    def subscribe(self, reg: dict, listener: Any) -> None:
+        self._listeners.setdefault(reg["key"], []).append(listener)
+        self._send({"op": "watch", "key": reg["key"]})
+
+    def unsubscribe(self, reg: dict, listener: Any = None) -> None:
+        self._listeners.pop(reg["key"], None)
+        self._send({"op": "unwatch", "key": reg["key"]})
+
+    def publish(self, reg: Any) -> None:
+        self._send({"op": "publish", "reg": reg})
+
+    def get(self, key: str) -> Any:
+        self._ids += 1
+        rid = self._ids
+        ev, box = threading.Event(), []
+        self._waiters[rid] = (ev, box)
+        self._send({"op": "get", "id": rid, "key": key})
+        ev.wait(5)
+        return box[0]
+
+    def echo(self, value: Any) -> Any:
+        return value
+
+    async def aecho(self, value: Any) -> Any:
+        return value
+
+    async def loop_id(self) -> bool:
+        """True when run on the loop that built this client."""
+        return asyncio.get_running_loop() is self.built_loop
+
+    def whoami(self) -> int:
+        return os.getpid()
+
+    def boom(self, kind: str) -> None:
+        if kind == "key":
+            raise KeyError("missing", 42)
+        if kind == "app":
+            raise AppError("bad thing", 7)
+        if kind == "unknown":
+            from tests import leader_only
+
+            raise leader_only.LeaderOnlyError("only the leader knows me")
+        raise ValueError(kind)
+
+    async def aboom(self) -> None:
+        await asyncio.sleep(0)
+        raise AppError("async bad thing")
+
+    def sleep(self, seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    async def asleep(self, seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
+    def bump(self, n: int = 1) -> None:
+        time.sleep(0.2)
+        self.bumped += n
+
+    def bumps(self) -> int:
+        return self.bumped
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except (OSError, AttributeError):
+            pass
+
+
+class CounterClient(Base):
+    """A second channel: no upstream, just state in the leader."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+        self.ready(True)
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+    def whoami(self) -> int:
+        return os.getpid()
