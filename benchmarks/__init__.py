@@ -1,0 +1,1 @@
+"""Benchmark suite for connshare (baselines, reference implementation, connshare itself)."""
