@@ -37,6 +37,8 @@ from ._protocol import PROTOCOL_VERSION, Transcode
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_PORT",
+    "PROTOCOL_VERSION",
     "APIClientBase",
     "AuthenticationError",
     "Base",
@@ -49,7 +51,6 @@ __all__ = [
     "ConcurrencyError",
     "ConfigurationError",
     "ConnshareError",
-    "DEFAULT_PORT",
     "ElectionError",
     "EncodeError",
     "FrameTooLargeError",
@@ -60,7 +61,6 @@ __all__ = [
     "MethodNotAllowedError",
     "NotReadyError",
     "Options",
-    "PROTOCOL_VERSION",
     "PortInUseError",
     "ProtocolError",
     "ProtocolVersionError",

@@ -178,7 +178,12 @@ class Base:
         if not listeners:
             if event == "error":
                 err = args[0] if args else None
-                log.error("%s emitted an error with no listener: %r", type(self).__name__, err, exc_info=err if isinstance(err, BaseException) else None)
+                log.error(
+                    "%s emitted an error with no listener: %r",
+                    type(self).__name__,
+                    err,
+                    exc_info=err if isinstance(err, BaseException) else None,
+                )
             return False
         for fn in listeners:
             try:

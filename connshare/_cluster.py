@@ -27,8 +27,24 @@ log = logging.getLogger("connshare.cluster")
 
 #: Names of the client's own API, which a delegate may not shadow.
 RESERVED = frozenset(
-    {"ready", "wait_ready", "on", "off", "emit", "close", "aclose", "is_ready", "closed", "is_leader",
-     "leader_pid", "role", "invoke", "ainvoke", "options", "channel"}
+    {
+        "ready",
+        "wait_ready",
+        "on",
+        "off",
+        "emit",
+        "close",
+        "aclose",
+        "is_ready",
+        "closed",
+        "is_leader",
+        "leader_pid",
+        "role",
+        "invoke",
+        "ainvoke",
+        "options",
+        "channel",
+    }
 )
 #: Delegated by default when the class has them, as cluster-client does.
 DEFAULT_DELEGATES = {"subscribe": "subscribe", "unsubscribe": "unsubscribe", "publish": "publish", "close": "close"}
@@ -53,11 +69,15 @@ class ClusterClient(Base):
         self._join()
 
     def _join(self) -> Node:
-        node = node_for(self.options)
-        state = ChannelState(self.channel, self._cls, self._args, self._kwargs, self._spec, self.options)
-        self._state = node.attach(self, state)
-        self._node = node
-        return node
+        while True:
+            node = node_for(self.options)
+            state = ChannelState(self.channel, self._cls, self._args, self._kwargs, self._spec, self.options)
+            try:
+                self._state = node.attach(self, state)
+            except ClientClosedError:
+                continue  # that node is on its way out; node_for makes a new one
+            self._node = node
+            return node
 
     def _live_node(self) -> Node:
         node = self._node
@@ -273,7 +293,9 @@ class ClusterBuilder:
             for name, _ in inspect.getmembers(cls):
                 if name.startswith("_") or name in RESERVED or name in wanted:
                     continue
-                if callable(inspect.getattr_static(cls, name, None)) or isinstance(inspect.getattr_static(cls, name, None), (staticmethod, classmethod)):
+                if callable(inspect.getattr_static(cls, name, None)) or isinstance(
+                    inspect.getattr_static(cls, name, None), (staticmethod, classmethod)
+                ):
                     if name in dir(Base):
                         continue
                     wanted[name] = ("invoke", False)

@@ -44,7 +44,7 @@ class Pending:
     the caller's loop. ``hook`` runs on the reader thread with the result, before
     any later frame is read (a SUBSCRIBE result must map its key id first)."""
 
-    __slots__ = ("lock", "loop", "fut", "ok", "value", "hook")
+    __slots__ = ("fut", "hook", "lock", "loop", "ok", "value")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None, hook: Callable[[Any], None] | None = None) -> None:
         self.loop = loop
@@ -178,7 +178,9 @@ class FollowerConnection:
             p.lock.acquire()  # type: ignore[union-attr]
         return p.outcome()
 
-    def request_async(self, wire_without_rid: list, loop: asyncio.AbstractEventLoop, hook: Callable[[Any], None] | None = None) -> tuple[int, asyncio.Future]:
+    def request_async(
+        self, wire_without_rid: list, loop: asyncio.AbstractEventLoop, hook: Callable[[Any], None] | None = None
+    ) -> tuple[int, asyncio.Future]:
         """Send a request from a coroutine; returns its id and a future on ``loop``."""
         self.check_usable()
         rid = next(self._rids)

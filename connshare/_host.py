@@ -19,6 +19,7 @@ from ._errors import EncodeError, MethodNotAllowedError, NotReadyError
 from ._loop import on_loop_thread
 from ._protocol import Codec, MsgType
 from ._spec import ChannelState
+from ._subs import keep
 
 log = logging.getLogger("connshare.host")
 
@@ -30,7 +31,7 @@ class Sink(Protocol):
 class KeyState:
     """One upstream subscription and who gets its values."""
 
-    __slots__ = ("id", "method", "reg", "canon", "sinks", "has_value", "value", "frame", "listener", "rr")
+    __slots__ = ("canon", "frame", "has_value", "id", "listener", "method", "reg", "rr", "sinks", "value")
 
     def __init__(self, key_id: int, method: str, reg: Any, canon: bytes) -> None:
         self.id = key_id
@@ -58,7 +59,9 @@ class KeyState:
 class ChannelHost:
     """Owns the real client of one channel in the leader process."""
 
-    def __init__(self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, executor: concurrent.futures.Executor, key_ids: Any) -> None:
+    def __init__(
+        self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, executor: concurrent.futures.Executor, key_ids: Any
+    ) -> None:
         self.state = state
         self.loop = loop
         self.codec = codec
@@ -185,8 +188,7 @@ class ChannelHost:
         """Call a subscribe/unsubscribe/publish method of the real client on the loop."""
         res = getattr(self.real, method)(*args)
         if inspect.isawaitable(res):
-            task = asyncio.ensure_future(res)
-            task.add_done_callback(self._log_failure)
+            keep(asyncio.ensure_future(res)).add_done_callback(self._log_failure)
 
     def _log_failure(self, task: asyncio.Future) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -277,7 +277,7 @@ class PeerProtocol:
         elif t == MsgType.PUBLISH:
             self._publish(wire)
         elif t == MsgType.REGISTER:
-            asyncio.ensure_future(self._register(wire[1], wire[2]))
+            self.node.spawn(self._register(wire[1], wire[2]))
         else:
             self.drop(f"unexpected {MsgType(t).name} from a follower")
 
@@ -336,7 +336,7 @@ class PeerProtocol:
         self.send([MsgType.CHANNEL_ERROR, host.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
 
     def _invoke(self, wire: list) -> None:
-        _, rid, channel, method, args, kwargs, flags, timeout = wire
+        _, rid, channel, method, args, kwargs, flags, _timeout = wire
         oneway = bool(flags & ONEWAY)
         if oneway:
             rid = 0
@@ -396,4 +396,3 @@ class PeerProtocol:
                 self.send(error_message(rid, exc, _code_for(exc)).to_wire())
         elif exc is not None and not rid:
             log.warning("leader: oneway call from pid %s raised %r", self.pid, exc)
-

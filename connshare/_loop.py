@@ -63,8 +63,7 @@ def forbid_loop_thread(what: str) -> None:
     """Raise ConcurrencyError when a blocking call runs on connshare's own thread."""
     if on_loop_thread() or getattr(_local, "no_blocking", False):
         raise ConcurrencyError(
-            f"{what} would block connshare's own thread and deadlock; "
-            "use the awaitable API (or a coroutine listener) there"
+            f"{what} would block connshare's own thread and deadlock; use the awaitable API (or a coroutine listener) there"
         )
 
 

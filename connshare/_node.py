@@ -21,6 +21,7 @@ import time
 import weakref
 from typing import Any
 
+from ._election import HOST, port_owner, try_bind
 from ._errors import (
     AuthenticationError,
     CallTimeoutError,
@@ -35,7 +36,6 @@ from ._errors import (
     ProtocolError,
     ProtocolVersionError,
 )
-from ._election import HOST, port_owner, try_bind
 from ._follower import FollowerConnection
 from ._host import ChannelHost
 from ._leader import PeerProtocol
@@ -47,8 +47,8 @@ from ._protocol import (
     Codec,
     Error,
     ErrorCode,
-    FrameDecoder,
     FollowerHandshake,
+    FrameDecoder,
     HandshakeState,
     MsgType,
     Welcome,
@@ -103,6 +103,7 @@ class Node:
         self._count_lock = threading.Lock()
         #: every peer reads into this on the loop thread, one at a time
         self.read_buffer = bytearray(256 * 1024)
+        self._tasks: set[asyncio.Task] = set()
         self._listen_sock: socket.socket | None = None
         self.inflight = 0
         self.leaving = False
@@ -120,6 +121,13 @@ class Node:
         self.canonical = canonical
         asyncio.run_coroutine_threadsafe(self._start(), self.loop)
 
+    def spawn(self, coro: Any) -> asyncio.Task:
+        """A task on connshare's loop, referenced until it ends (on the loop)."""
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
     @property
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
         if self._executor is None:
@@ -130,30 +138,36 @@ class Node:
 
     def attach(self, client: Any, state: ChannelState) -> ChannelState:
         """Join ``client`` to its channel; a second client of the name shares it."""
-        if self.closing:
-            raise ClientClosedError("this process's connshare node is closing")
-        self.clients.add(client)
-        existing = self.channels.get(state.name)
+        with _nodes_lock:
+            if self.closing:
+                raise ClientClosedError("this process's connshare node is closing")
+            self.clients.add(client)
+            existing = self.channels.get(state.name)
+            if existing is None:
+                state.clients.append(client)
+                self.channels[state.name] = state
+            else:
+                existing.clients.append(client)
         if existing is not None:
-            existing.clients.append(client)
             if existing.route is not None:
                 client.ready(True)
             elif existing.fatal is not None:
                 client.ready(existing.fatal)
             return existing
-        state.clients.append(client)
-        self.channels[state.name] = state
         self.loop.call_soon_threadsafe(self._channel_added, state)
         return state
 
-    def detach(self, client: Any, state: ChannelState) -> concurrent.futures.Future:
-        """``client`` closed; the last client of the process closes the node."""
-        if client in state.clients:
-            state.clients.remove(client)
-        self.clients.discard(client)
-        if not any(st.clients for st in self.channels.values()) and not self.closing:
+    def detach(self, client: Any, state: ChannelState) -> concurrent.futures.Future | None:
+        """``client`` closed; the last client of the process closes the node, and
+        gets a future that is done once it has."""
+        with _nodes_lock:
+            if client in state.clients:
+                state.clients.remove(client)
+            self.clients.discard(client)
+            if any(st.clients for st in self.channels.values()) or self.closing:
+                return None
             self.closing = True
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
         return self._closed_cf
 
     def _channel_added(self, state: ChannelState) -> None:
@@ -162,7 +176,7 @@ class Node:
         elif self.role in (Role.LEADER, Role.LOCAL):
             self._start_host(state)
         elif self.role is Role.FOLLOWER and self.conn is not None:
-            asyncio.ensure_future(self._register(self.conn, state))
+            self.spawn(self._register(self.conn, state))
         if self._hosts_changed is not None:
             self._hosts_changed.set()
 
@@ -275,7 +289,9 @@ class Node:
                     owner, status = port_owner(self.port)
                     if status in ("stopped", "tracing-stop", "zombie"):
                         raise _Retry("quiet") from None  # a hung leader: wait for it to die
-                    raise PortInUseError(self.port, f"no connshare handshake within connect_timeout={opts.connect_timeout} s", owner) from None
+                    raise PortInUseError(
+                        self.port, f"no connshare handshake within connect_timeout={opts.connect_timeout} s", owner
+                    ) from None
                 except (ConnectionResetError, BrokenPipeError):
                     raise _Retry() from None
                 if not data:
@@ -314,7 +330,7 @@ class Node:
         self.leader_pid = os.getpid()
         self._listen_sock = sock
         log.info("pid %s leads port %s", os.getpid(), self.port)
-        self._accept_task = asyncio.ensure_future(self._accept_loop(sock))
+        self._accept_task = self.spawn(self._accept_loop(sock))
         for st in list(self.channels.values()):
             self._start_host(st)
         interval = self.options.heartbeat_interval
@@ -376,7 +392,9 @@ class Node:
         async def start() -> None:
             await host.start()
             if host.ready.exception() is not None:
-                self._channel_failed(state, NotReadyError(f"channel {state.name!r}: the real client failed to start: {host.ready.exception()!r}"))
+                self._channel_failed(
+                    state, NotReadyError(f"channel {state.name!r}: the real client failed to start: {host.ready.exception()!r}")
+                )
                 state.fatal.__cause__ = host.ready.exception()  # type: ignore[union-attr]
                 return
             for sub in list(state.subs.values()):
@@ -385,7 +403,7 @@ class Node:
                 self._host_call(state, host.publish, method, reg)
             self._set_route(state, host)
 
-        asyncio.ensure_future(start())
+        self.spawn(start())
 
     def _host_subscribe(self, host: ChannelHost, state: ChannelState, sub: LocalSub) -> None:
         try:
@@ -410,7 +428,9 @@ class Node:
         while name not in self.hosts:
             left = deadline - self.loop.time()
             if left <= 0 or self.leaving:
-                raise ChannelNotFoundError(f"the leader (pid {os.getpid()}) hosts no channel {name!r} (waited {self.options.max_wait_time} s)")
+                raise ChannelNotFoundError(
+                    f"the leader (pid {os.getpid()}) hosts no channel {name!r} (waited {self.options.max_wait_time} s)"
+                )
             self._hosts_changed.clear()
             try:
                 await asyncio.wait_for(self._hosts_changed.wait(), left)
@@ -428,8 +448,7 @@ class Node:
 
     def maybe_drained(self) -> None:
         if self.leaving and self._drained is not None and self.inflight == 0:
-            if all(p.closed or not p.open for p in self.peers) or self.inflight == 0:
-                self._drained.set()
+            self._drained.set()
 
     # -- following --------------------------------------------------------------------------
 
@@ -440,7 +459,7 @@ class Node:
         self._conn_done = self.loop.create_future()
         log.info("pid %s follows leader pid %s on port %s", os.getpid(), conn.peer_pid, self.port)
         conn.start(early)
-        hb = asyncio.ensure_future(self._heartbeat(conn))
+        hb = self.spawn(self._heartbeat(conn))
         try:
             await asyncio.gather(*(self._register(conn, st) for st in list(self.channels.values())))
             await self._conn_done
@@ -448,14 +467,23 @@ class Node:
             hb.cancel()
 
     async def _register(self, conn: FollowerConnection, state: ChannelState) -> None:
+        rid = 0
         try:
-            _, fut = conn.request_async([MsgType.REGISTER, 0, state.name], self.loop)
-            wire_id = await asyncio.wait_for(fut, self.options.max_wait_time + self.options.response_timeout)
+            rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name], self.loop)
+            try:
+                # Our own max_wait_time bounds this, whatever the leader's is.
+                wire_id = await asyncio.wait_for(fut, state.options.max_wait_time)
+            except asyncio.TimeoutError:
+                conn.forget(rid)
+                raise ChannelNotFoundError(
+                    f"the leader (pid {conn.peer_pid}) on port {self.port} hosts no channel {state.name!r} "
+                    f"(waited max_wait_time={state.options.max_wait_time} s)"
+                ) from None
         except (ChannelNotFoundError, NotReadyError) as exc:
             if conn is self.conn:
                 self._channel_failed(state, exc)
             return
-        except (LeaderLostError, asyncio.TimeoutError, ProtocolError) as exc:
+        except (LeaderLostError, ProtocolError) as exc:
             log.debug("registering %r failed: %r", state.name, exc)
             return
         if conn is not self.conn:
@@ -589,7 +617,9 @@ class Node:
                 return self._local_sync(route, spec.name, args, kwargs, deadline)
             conn, wire_id = route
             try:
-                return conn.request_sync([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], max(deadline - time.monotonic(), 0.0))
+                return conn.request_sync(
+                    [MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], max(deadline - time.monotonic(), 0.0)
+                )
             except LeaderLostError:
                 if not spec.idempotent or retried:
                     raise
@@ -637,7 +667,9 @@ class Node:
                 retried = True
                 stale = route
 
-    async def _local_async(self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float, loop: asyncio.AbstractEventLoop) -> Any:
+    async def _local_async(
+        self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float, loop: asyncio.AbstractEventLoop
+    ) -> Any:
         fn, is_coro = host.resolve(method)
         left = max(deadline - time.monotonic(), 0.0)
         try:
@@ -661,7 +693,7 @@ class Node:
                 return
             except Exception:
                 pass
-        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._oneway_later(state, spec, args, kwargs)))
+        self.loop.call_soon_threadsafe(lambda: self.spawn(self._oneway_later(state, spec, args, kwargs)))
 
     async def _oneway_later(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict) -> None:
         try:
@@ -707,7 +739,11 @@ class Node:
 
     def _sub_timeout(self, state: ChannelState, sub: LocalSub) -> None:
         if not sub.has_value and state.subs.get((sub.method, sub.canon)) is sub:
-            state.emit_error(CallTimeoutError(f"subscription {sub.method}({sub.reg!r}) got no value within subscribe_timeout={self.options.subscribe_timeout} s"))
+            state.emit_error(
+                CallTimeoutError(
+                    f"subscription {sub.method}({sub.reg!r}) got no value within subscribe_timeout={self.options.subscribe_timeout} s"
+                )
+            )
 
     def unsubscribe(self, state: ChannelState, reg: Any, listener: Any) -> None:
         canon = canonical(reg)

@@ -37,7 +37,7 @@ def canonical(reg: Any) -> bytes:
 class Listener:
     """A listener and where it runs: the loop it was registered from, else connshare's."""
 
-    __slots__ = ("fn", "loop", "thread", "is_coro")
+    __slots__ = ("fn", "is_coro", "loop", "thread")
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
@@ -63,12 +63,22 @@ class Listener:
     def _run(self, value: Any) -> None:
         try:
             if self.is_coro:
-                task = asyncio.ensure_future(self.fn(value))
-                task.add_done_callback(_log_task_error)
+                keep(asyncio.ensure_future(self.fn(value))).add_done_callback(_log_task_error)
             else:
                 self.fn(value)
         except Exception:
             log.exception("subscription listener %r raised", self.fn)
+
+
+#: tasks of coroutine listeners and real-client calls, kept alive until they end
+background: set[asyncio.Future] = set()
+
+
+def keep(task: asyncio.Future) -> asyncio.Future:
+    """Hold a reference to ``task`` until it is done (the loop only holds weak ones)."""
+    background.add(task)
+    task.add_done_callback(background.discard)
+    return task
 
 
 def _log_task_error(task: asyncio.Future) -> None:
@@ -79,7 +89,7 @@ def _log_task_error(task: asyncio.Future) -> None:
 class LocalSub:
     """This process's subscription to one key of one channel."""
 
-    __slots__ = ("method", "reg", "canon", "listeners", "has_value", "value", "key_id", "lock")
+    __slots__ = ("canon", "has_value", "key_id", "listeners", "lock", "method", "reg", "value")
 
     def __init__(self, method: str, reg: Any, canon: bytes) -> None:
         self.method = method

@@ -121,6 +121,7 @@ class KVClient(Base):
 
     def close(self) -> None:
         try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # the reader's makefile holds the fd open
             self._sock.close()
         except (OSError, AttributeError):
             pass
@@ -133,6 +134,9 @@ class CounterClient(Base):
         super().__init__()
         self.n = 0
         self.ready(True)
+
+    def watch(self, reg: Any, listener: Any) -> None:
+        """A subscription that never delivers a value."""
 
     def incr(self) -> int:
         self.n += 1

@@ -47,5 +47,13 @@ def spawn() -> Iterator[Callable[..., list[Worker]]]:
 
 
 def kv_spec(port: int, upstream_port: int, **options: Any) -> dict[str, Any]:
-    delegates = options.pop("delegates", ["get", "echo", "aecho", "loop_id", "whoami", "boom", "aboom", "sleep", "asleep", "bumps", ["bump", "invoke_oneway"]])
-    return {"id": "0", "cls": "KVClient", "args": [upstream_port], "options": {"port": port, "name": "kv", **options}, "delegates": delegates}
+    delegates = options.pop(
+        "delegates", ["get", "echo", "aecho", "loop_id", "whoami", "boom", "aboom", "sleep", "asleep", "bumps", ["bump", "invoke_oneway"]]
+    )
+    return {
+        "id": "0",
+        "cls": "KVClient",
+        "args": [upstream_port],
+        "options": {"port": port, "name": "kv", **options},
+        "delegates": delegates,
+    }

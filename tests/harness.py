@@ -80,7 +80,9 @@ class Worker:
         with self.cond:
             ok = self.cond.wait_for(lambda: cid in self._replies or not self.proc.is_alive(), timeout)
             if cid not in self._replies:
-                raise TimeoutError(f"worker {self.pid}: no reply to {op}{args} in {timeout} s" if ok else f"worker {self.pid}: {op} timed out")
+                raise TimeoutError(
+                    f"worker {self.pid}: no reply to {op}{args} in {timeout} s" if ok else f"worker {self.pid}: {op} timed out"
+                )
             success, value = self._replies.pop(cid)
         if not success:
             raise AgentError(value)

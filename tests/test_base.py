@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from connshare import Base, NotReadyError
+
+
+class Client(Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closes = 0
+
+    def close(self) -> None:
+        self.closes += 1
+
+
+def test_ready_true_wakes_waiters_and_callbacks() -> None:
+    c = Client()
+    seen = []
+    c.ready(seen.append)
+    assert not c.is_ready
+    threading.Timer(0.01, c.ready, args=(True,)).start()
+    c.wait_ready(5)
+    assert c.is_ready and seen == [None]
+    c.ready(seen.append)  # after the fact: called at once
+    assert seen == [None, None]
+
+
+def test_ready_with_an_exception_fails_waiters_and_emits_error() -> None:
+    c = Client()
+    errors = []
+    c.on("error", errors.append)
+    exc = RuntimeError("upstream down")
+    c.ready(exc)
+    with pytest.raises(NotReadyError) as info:
+        c.wait_ready(1)
+    assert info.value.__cause__ is exc and errors == [exc]
+    got = []
+    c.ready(got.append)
+    assert got == [exc]
+
+
+def test_wait_ready_times_out() -> None:
+    with pytest.raises(TimeoutError):
+        Client().wait_ready(0.01)
+
+
+def test_await_ready_from_any_loop() -> None:
+    c = Client()
+
+    async def main() -> None:
+        asyncio.get_running_loop().call_later(0.01, c.ready, True)
+        await c.ready()
+
+    asyncio.run(main())
+    asyncio.run(c.ready())  # already ready
+
+
+def test_close_is_idempotent_in_every_form() -> None:
+    c = Client()
+    c.close()
+    c.close()
+    with c:
+        pass
+    asyncio.run(c.aclose())
+    assert c.closes == 1 and c.closed
+
+
+def test_async_with_waits_ready_and_closes() -> None:
+    async def main() -> Client:
+        c = Client()
+        c.ready(True)
+        async with c:
+            assert c.is_ready
+        return c
+
+    assert asyncio.run(main()).closes == 1
+
+
+def test_error_with_no_listener_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    Client().emit("error", ValueError("lost"))
+    assert "lost" in caplog.text
+
+
+def test_a_raising_listener_does_not_stop_the_others() -> None:
+    c = Client()
+    got = []
+    c.on("change", lambda v: 1 / 0)
+    c.on("change", got.append)
+    c.emit("change", 5)
+    assert got == [5]

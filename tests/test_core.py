@@ -1,0 +1,317 @@
+"""The core contract on real processes, real sockets and a real TCP upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from connshare import (
+    CallTimeoutError,
+    ChannelNotFoundError,
+    ConcurrencyError,
+    LeaderNotFoundError,
+    RemoteError,
+    cluster,
+)
+from tests.clients import AppError, KVClient
+from tests.conftest import kv_spec
+from tests.harness import AgentError, wait_until
+
+
+def test_four_processes_share_one_upstream_connection(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port)] for _ in range(4)])
+    roles = [w.ready() for w in ws]
+    leaders = [r for r in roles if r["is_leader"]]
+    assert len(leaders) == 1
+    leader_pid = leaders[0]["pid"]
+    assert all(r["leader_pid"] == leader_pid for r in roles)
+    assert upstream.total_connections == 1 and upstream.live_connections == 1
+    upstream.set("k", "v1")
+    # every process gets the result of a blocking call that runs in the leader
+    for w in ws:
+        assert w.call("get", "k") == "v1"
+        assert w.call("whoami") == leader_pid
+    assert upstream.total_connections == 1
+
+
+def test_fan_out_and_last_value_replay(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port)] for _ in range(4)])
+    for w in ws:
+        w.ready()
+    upstream.set("cfg", 1)
+    for w in ws[:3]:
+        w.subscribe({"key": "cfg"}, "cfg")
+    for w in ws[:3]:
+        w.wait_event("cfg", lambda v: v["value"] == 1)
+    # the leader subscribed upstream once for three processes
+    assert upstream.watcher_count("cfg") == 1
+    upstream.set("cfg", 2)
+    for w in ws[:3]:
+        w.wait_event("cfg", lambda v: v["value"] == 2)
+    # a late subscriber gets the last value at once, without a new upstream watch
+    ws[3].subscribe({"key": "cfg"}, "late")
+    v, _ = ws[3].wait_event("late", timeout=5)
+    assert v["value"] == 2
+    assert upstream.watcher_count("cfg") == 1
+
+
+def test_one_wire_subscription_per_key_per_process(port, upstream, spawn) -> None:
+    leader, follower = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    leader.ready()
+    follower.ready()
+    if follower.role()["is_leader"]:
+        leader, follower = follower, leader
+    follower.subscribe({"key": "a"}, "first")
+    follower.subscribe({"key": "a"}, "second")
+    upstream.set("a", "x")
+    follower.wait_event("first", lambda v: v["value"] == "x")
+    follower.wait_event("second", lambda v: v["value"] == "x")
+    assert upstream.watcher_count("a") == 1
+
+
+def test_unsubscribe_stops_events_and_releases_upstream(port, upstream, spawn) -> None:
+    a, b = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    a.ready()
+    b.ready()
+    a.subscribe({"key": "u"}, "u")
+    b.subscribe({"key": "u"}, "u")
+    upstream.set("u", 1)
+    a.wait_event("u", lambda v: v["value"] == 1)
+    b.wait_event("u", lambda v: v["value"] == 1)
+    a.request("unsubscribe", "0", {"key": "u"})
+    upstream.set("u", 2)
+    b.wait_event("u", lambda v: v["value"] == 2)
+    b.request("unsubscribe", "0", {"key": "u"})
+    assert upstream.wait_for(lambda s: s.watcher_count("u") == 0, 10)
+    upstream.set("u", 3)
+    # a marker event after the change proves nothing more was delivered for "u"
+    a.subscribe({"key": "marker"}, "m")
+    upstream.set("marker", "done")
+    a.wait_event("m", lambda v: v["value"] == "done")
+    assert [v["value"] for v in a.values("u")] == [None, 1] or [v["value"] for v in a.values("u")][-1] == 1
+    assert all(v["value"] != 3 for v in a.values("u") + b.values("u"))
+
+
+def test_publish_reaches_upstream_from_every_process(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port)] for _ in range(3)])
+    for i, w in enumerate(ws):
+        w.ready()
+        w.request("publish", "0", {"service": "me", "n": i})
+    assert upstream.wait_for(lambda s: len(s.published()) == 3, 10)
+    assert sorted(p["n"] for p in upstream.published()) == [0, 1, 2]
+    assert upstream.total_connections == 1
+
+
+def test_invoke_results_and_exceptions_cross_as_if_local(port, upstream, spawn) -> None:
+    leader, follower = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    leader.ready()
+    follower.ready()
+    if follower.role()["is_leader"]:
+        leader, follower = follower, leader
+    assert follower.call("echo", {"a": [1, 2.5, None, b"\x00", "é"]}) == {"a": [1, 2.5, None, b"\x00", "é"]}
+    # a class loaded in the caller comes back as itself, with its args
+    with pytest.raises(AgentError) as info:
+        follower.call("boom", "key")
+    assert info.value.type == "KeyError" and info.value.desc["args"] == ["missing", 42]
+    assert "in boom" in info.value.desc["remote_traceback"] and info.value.desc["cause"] == "RemoteTraceback"
+    with pytest.raises(AgentError) as info:
+        follower.call("boom", "app")
+    assert info.value.type == "AppError" and info.value.desc["args"] == ["bad thing", 7]
+    # a class only the leader has loaded: RemoteError naming the remote type
+    with pytest.raises(AgentError) as info:
+        follower.call("boom", "unknown")
+    assert info.value.type == "RemoteError"
+    assert "tests.leader_only.LeaderOnlyError" in info.value.desc["message"]
+    assert "LeaderOnlyError" in info.value.desc["remote_traceback"]
+    with pytest.raises(AgentError) as info:
+        follower.request("acall", "0", "aboom", [])
+    assert info.value.type == "AppError"
+    # the leader's own call raises the real exception directly
+    with pytest.raises(AgentError) as info:
+        leader.call("boom", "app")
+    assert info.value.type == "AppError"
+
+
+def test_call_timeout_is_a_timeout_error(port, upstream, spawn) -> None:
+    leader, follower = spawn([kv_spec(port, upstream.port, response_timeout=0.3)], [kv_spec(port, upstream.port, response_timeout=0.3)])
+    leader.ready()
+    follower.ready()
+    if follower.role()["is_leader"]:
+        leader, follower = follower, leader
+    with pytest.raises(AgentError) as info:
+        follower.request("timed_call", "0", "sleep", [2])
+    assert info.value.isa("CallTimeoutError") and info.value.isa("TimeoutError")
+    res, _took = follower.request("timed_call", "0", "echo", [1])
+    assert res == 1
+    # awaited calls time out in the follower and in the leader itself; the leader's
+    # own blocking calls run inline, like any local call
+    for w in (leader, follower):
+        with pytest.raises(AgentError) as info:
+            w.request("acall", "0", "asleep", [2])
+        assert info.value.isa("CallTimeoutError")
+
+
+def test_oneway_returns_at_once(port, upstream, spawn) -> None:
+    ws = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    for w in ws:
+        w.ready()
+    for w in ws:
+        res, took = w.request("timed_call", "0", "bump", [1])
+        assert res is None and took < 0.15  # bump() itself sleeps 0.2 s
+    wait_until(lambda: ws[0].call("bumps") == 2, what="both oneway calls to run")
+
+
+def test_two_channels_share_one_port(port, upstream, spawn) -> None:
+    def specs() -> list:
+        return [
+            kv_spec(port, upstream.port),
+            {"id": "c", "cls": "CounterClient", "options": {"port": port, "name": "counter"}, "delegates": ["incr", "whoami"]},
+        ]
+
+    ws = spawn(specs(), specs(), specs())
+    roles = [(w.ready("0"), w.ready("c")) for w in ws]
+    kv_leaders = {r[0]["leader_pid"] for r in roles}
+    counter_leaders = {r[1]["leader_pid"] for r in roles}
+    assert kv_leaders == counter_leaders and len(kv_leaders) == 1
+    assert sorted(w.call("incr", cid="c") for w in ws) == [1, 2, 3]
+    assert upstream.total_connections == 1
+
+
+def test_unhosted_channel_fails_after_max_wait_time(port, upstream, spawn) -> None:
+    (leader,) = spawn([kv_spec(port, upstream.port)])
+    leader.ready()
+    spec = {
+        "id": "0",
+        "cls": "CounterClient",
+        "options": {"port": port, "name": "nobody-hosts-me", "max_wait_time": 0.5},
+        "delegates": ["incr"],
+    }
+    (follower,) = spawn([spec])
+    t0 = time.monotonic()
+    with pytest.raises(AgentError) as info:
+        follower.ready(timeout=10)
+    assert info.value.type == "NotReadyError" and info.value.desc["cause"] == "ChannelNotFoundError"
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(AgentError) as info:
+        follower.call("incr")
+    assert info.value.isa("ChannelNotFoundError")
+
+
+def test_forced_follower_without_leader_raises(port) -> None:
+    c = cluster(KVClient, port=port, is_leader=False, max_wait_time=0.3).delegate("echo").create(0)
+    try:
+        with pytest.raises(Exception) as info:
+            c.wait_ready(5)
+        assert isinstance(info.value.__cause__, LeaderNotFoundError)
+    finally:
+        c.close()
+
+
+def test_blocking_and_asyncio_callers(port, upstream, spawn) -> None:
+    leader, follower = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    leader.ready()
+    follower.ready()
+    for w in (leader, follower):
+        assert w.call("echo", 5) == 5  # blocking proxy
+        assert w.request("acall", "0", "aecho", [6]) == 6  # awaitable proxy
+        assert w.request("invoke", "0", "aecho", [7]) == 7  # blocking call of a coroutine method
+        assert w.request("ainvoke", "0", "echo", [8]) == 8  # awaited call of a blocking method
+        # coroutine methods run on connshare's loop, the one that built the client
+        assert w.request("acall", "0", "loop_id", []) is True
+
+
+def test_listener_runs_on_the_loop_it_was_registered_from(port, upstream, spawn) -> None:
+    ws = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    for w in ws:
+        w.ready()
+        w.subscribe({"key": "L"}, "in-loop", in_loop=True)
+        w.subscribe({"key": "L"}, "plain")
+    upstream.set("L", 1)
+    for w in ws:
+        _, meta = w.wait_event("in-loop", lambda v: v["value"] == 1)
+        assert meta["on_agent_loop"] is True
+        _, meta = w.wait_event("plain", lambda v: v["value"] == 1)
+        assert meta["on_agent_loop"] is False and meta["thread"] == "connshare-loop"
+
+
+def test_blocking_call_on_connshares_thread_raises(port, upstream, spawn) -> None:
+    ws = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    for w in ws:
+        w.ready()
+        w.request("subscribe_calling", "0", {"key": "B"}, "B")
+    upstream.set("B", 1)
+    for w in ws:
+        v, _ = w.wait_event("B")
+        assert "ConcurrencyError" in v
+
+
+def test_broadcast_false_delivers_each_value_to_one_process(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port, is_broadcast=False)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+        w.subscribe({"key": "q"}, "q")
+    wait_until(lambda: upstream.watcher_count("q") == 1)
+    for i in range(1, 31):
+        upstream.set("q", i)
+    wait_until(lambda: {v["value"] for w in ws for v in w.values("q")} >= set(range(1, 31)), what="every value delivered")
+    delivered = [v["value"] for w in ws for v in w.values("q") if v["value"] is not None]
+    assert sorted(delivered) == list(range(1, 31))  # each exactly once
+    assert sum(1 for w in ws if any(v["value"] for v in w.values("q"))) >= 2
+
+
+def test_subscribe_timeout_reports_an_error(port, spawn) -> None:
+    spec = {
+        "id": "0",
+        "cls": "CounterClient",
+        "options": {"port": port, "name": "silent", "subscribe_timeout": 0.2},
+        "delegates": [["watch", "subscribe"]],
+    }
+    ws = spawn([spec], [spec])
+    for w in ws:
+        w.ready()
+        w.request("subscribe", "0", {"k": 1}, "never", False, "watch")
+    for w in ws:
+        errs = wait_until(lambda w=w: w.request("errors", "0"), what="subscribe_timeout error")
+        assert "CallTimeoutError" in errs[0]["mro"] and "subscribe_timeout" in errs[0]["message"]
+
+
+def test_leader_process_calls_locally_and_from_a_foreign_loop(port, upstream) -> None:
+    c = (
+        cluster(KVClient, port=port, name="kv")
+        .delegate("echo")
+        .delegate("aecho")
+        .delegate("loop_id")
+        .delegate("boom")
+        .create(upstream.port)
+    )
+    try:
+        c.wait_ready(10)
+        assert c.is_leader and c.role == "leader"
+        assert c.echo("x") == "x"
+        with pytest.raises(AppError):
+            c.boom("app")
+
+        async def main() -> tuple:
+            return await c.aecho(1), await c.loop_id()
+
+        assert asyncio.run(main()) == (1, True)
+        assert asyncio.run(c.ainvoke("echo", 2)) == 2
+    finally:
+        c.close()
+    assert c.closed
+
+
+def test_remote_error_type_for_unknown_classes() -> None:
+    from connshare._protocol import Error, ErrorCode
+    from connshare._remote import exception_from
+
+    exc = exception_from(Error(1, ErrorCode.RAISED, "nowhere.mod:Odd", "odd", ["odd"], "tb"))
+    assert isinstance(exc, RemoteError) and exc.type_name == "nowhere.mod.Odd"
+    # a class that is loaded but is not an exception is never instantiated
+    exc = exception_from(Error(1, ErrorCode.RAISED, "os:system", "x", ["echo hi"], "tb"))
+    assert isinstance(exc, RemoteError)
+    assert isinstance(exception_from(Error(1, ErrorCode.TIMEOUT, "x:y", "slow", [], "")), CallTimeoutError)
+    assert isinstance(exception_from(Error(1, ErrorCode.NO_CHANNEL, "x:y", "none", [], "")), ChannelNotFoundError)
+    assert issubclass(ConcurrencyError, RuntimeError)

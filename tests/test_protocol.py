@@ -1,0 +1,212 @@
+"""The sans-I/O protocol, without sockets."""
+
+from __future__ import annotations
+
+import attrs
+import msgpack
+import pytest
+
+from connshare import EncodeError, FrameTooLargeError, ProtocolError, Transcode
+from connshare._errors import AuthenticationError, ProtocolVersionError
+from connshare._protocol import (
+    HEADER,
+    MESSAGES,
+    PROTOCOL_VERSION,
+    Auth,
+    Challenge,
+    ChannelError,
+    Codec,
+    Error,
+    ErrorCode,
+    Event,
+    FollowerHandshake,
+    FrameDecoder,
+    Goodbye,
+    HandshakeState,
+    Hello,
+    Invoke,
+    LeaderHandshake,
+    MsgType,
+    Ping,
+    Pong,
+    Publish,
+    Register,
+    Result,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+    to_message,
+)
+
+EXAMPLES = [
+    Hello("connshare", 1, 123, b"n" * 16),
+    Challenge("connshare", 1, 7, b"m" * 16, b"p" * 32),
+    Auth(b"p" * 32),
+    Welcome(),
+    Register(3, "registry"),
+    Subscribe(4, 1, "subscribe", {"service": "users", "tags": ["a", 1]}),
+    Unsubscribe(9),
+    Event(9, {"v": [1, 2.5, None, True, b"\x00"]}),
+    Publish(1, "publish", {"service": "me", "addr": "10.0.0.5:80"}),
+    Invoke(5, 1, "get_data", ["k", 2], {"flag": True}, 0, 10.0),
+    Invoke(6, 1, "notify", [], {}, 1, None),
+    Result(5, ["value", {"nested": {"x": 1}}]),
+    Error(5, ErrorCode.RAISED, "builtins:KeyError", "'k'", ["k"], "Traceback ..."),
+    Ping(1),
+    Pong(1),
+    Goodbye(),
+    ChannelError(1, "builtins:OSError", "upstream down"),
+]
+
+
+def test_every_message_type_has_an_example() -> None:
+    assert {type(m) for m in EXAMPLES} == set(MESSAGES.values())
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: object) -> None:
+    codec = Codec()
+    frame = codec.encode(msg)  # type: ignore[arg-type]
+    (n,) = HEADER.unpack(frame[:4])
+    assert n == len(frame) - 4
+    bodies = FrameDecoder().feed(frame)
+    assert len(bodies) == 1
+    assert to_message(codec.unpack(bodies[0])) == msg
+
+
+def test_decoder_handles_any_split() -> None:
+    codec = Codec()
+    stream = b"".join(codec.encode(m) for m in EXAMPLES)  # type: ignore[arg-type]
+    for step in (1, 2, 3, 5, 7, 64, 1000):
+        dec = FrameDecoder()
+        out = []
+        for i in range(0, len(stream), step):
+            out += dec.feed(stream[i : i + step])
+        assert [to_message(codec.unpack(b)) for b in out] == EXAMPLES
+        assert dec.buffered == 0
+
+
+def test_oversized_frame_is_refused_from_its_header() -> None:
+    dec = FrameDecoder(max_frame_size=100)
+    with pytest.raises(FrameTooLargeError, match="101 bytes"):
+        dec.feed(HEADER.pack(101))
+
+
+def test_oversized_frame_is_refused_when_sending() -> None:
+    with pytest.raises(FrameTooLargeError):
+        Codec(max_frame_size=50).encode(Result(1, "x" * 100))
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb({"a": 1}), "non-empty array"),
+        (msgpack.packb([]), "non-empty array"),
+        (msgpack.packb([99, 1]), "unknown message type"),
+        (msgpack.packb(["INVOKE"]), "unknown message type"),
+        (msgpack.packb([MsgType.RESULT]), "takes 2 fields"),
+        (msgpack.packb([MsgType.INVOKE, "x", 1, "m", [], {}, 0, None]), "field 1"),
+        (msgpack.packb([MsgType.INVOKE, -1, 1, "m", [], {}, 0, None]), "non-negative"),
+        (msgpack.packb([MsgType.INVOKE, True, 1, "m", [], {}, 0, None]), "non-negative"),
+        (msgpack.packb([MsgType.INVOKE, 1, 1, "m", {}, {}, 0, None]), "field 4"),
+        (msgpack.packb([MsgType.EVENT, 1, {1: "int key"}]), "not valid msgpack"),
+        (msgpack.packb([MsgType.PING, "t"]), "field 1"),
+    ],
+)
+def test_malformed_bodies_raise_protocol_error(body: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        Codec().unpack(body)
+
+
+def test_values_that_cannot_be_encoded_raise_before_sending() -> None:
+    codec = Codec()
+    with pytest.raises(EncodeError, match="map keys"):
+        codec.encode(Invoke(1, 1, "m", [{1: "x"}], {}, 0, None))
+    with pytest.raises(EncodeError):
+        codec.encode(Invoke(1, 1, "m", [object()], {}, 0, None))
+    assert isinstance(EncodeError("x"), TypeError)
+
+
+def test_transcode_carries_user_types() -> None:
+    import decimal
+
+    def enc(v: object) -> msgpack.ExtType:
+        if isinstance(v, decimal.Decimal):
+            return msgpack.ExtType(1, str(v).encode())
+        raise TypeError(f"cannot encode {type(v).__name__}")
+
+    codec = Codec(transcode=Transcode(encode=enc, decode=lambda code, data: decimal.Decimal(data.decode())))
+    body = codec.encode(Result(1, [decimal.Decimal("1.25")]))[4:]
+    assert to_message(codec.unpack(body)) == Result(1, [decimal.Decimal("1.25")])
+
+
+def test_no_pickle_anywhere_in_the_package() -> None:
+    import pathlib
+
+    import connshare
+
+    for path in pathlib.Path(connshare.__file__).parent.glob("*.py"):
+        text = path.read_text()
+        for needle in ("import pickle", "from pickle", "cPickle", "pickle.load", "pickle.dump"):
+            assert needle not in text, (path, needle)
+
+
+def _run_handshake(follower: FollowerHandshake, leader: LeaderHandshake) -> None:
+    msgs = [follower.start()]
+    side_is_leader = True
+    while msgs:
+        replies = []
+        for m in msgs:
+            replies += (leader if side_is_leader else follower).receive(m)
+        msgs = replies
+        side_is_leader = not side_is_leader
+
+
+def test_handshake_succeeds_with_the_same_secret() -> None:
+    f, ld = FollowerHandshake(b"s" * 32, pid=1), LeaderHandshake(b"s" * 32, pid=2)
+    _run_handshake(f, ld)
+    assert f.state is HandshakeState.OPEN and ld.state is HandshakeState.OPEN
+    assert f.peer_pid == 2 and ld.peer_pid == 1
+
+
+def test_follower_refuses_a_leader_without_the_secret() -> None:
+    f, ld = FollowerHandshake(b"a" * 32), LeaderHandshake(b"b" * 32)
+    with pytest.raises(AuthenticationError, match="leader"):
+        _run_handshake(f, ld)
+
+
+def test_leader_refuses_a_follower_without_the_secret() -> None:
+    f, ld = FollowerHandshake(b"a" * 32), LeaderHandshake(b"b" * 32)
+    challenge = ld.receive(f.start())[0]
+    # a follower that skips checking the leader and guesses a proof
+    with pytest.raises(AuthenticationError, match="follower"):
+        ld.receive(Auth(b"\x00" * 32))
+    assert isinstance(challenge, Challenge)
+    assert LeaderHandshake.reply_for(AuthenticationError("x")).code == ErrorCode.AUTH
+
+
+def test_a_recorded_proof_cannot_be_replayed() -> None:
+    secret = b"k" * 32
+    f1, l1 = FollowerHandshake(secret), LeaderHandshake(secret)
+    ch = l1.receive(f1.start())[0]
+    (auth,) = f1.receive(ch)
+    l2 = LeaderHandshake(secret)  # a fresh leader nonce
+    l2.receive(Hello("connshare", PROTOCOL_VERSION, 1, f1.nonce))
+    with pytest.raises(AuthenticationError):
+        l2.receive(auth)
+
+
+def test_version_mismatch_is_its_own_error() -> None:
+    ld = LeaderHandshake(b"s" * 32)
+    with pytest.raises(ProtocolVersionError):
+        ld.receive(Hello("connshare", PROTOCOL_VERSION + 1, 1, b"n" * 16))
+    f = FollowerHandshake(b"s" * 32)
+    f.start()
+    with pytest.raises(ProtocolVersionError):
+        f.receive(Challenge("connshare", PROTOCOL_VERSION + 1, 1, b"n" * 16, b"p" * 32))
+
+
+def test_messages_are_frozen_values() -> None:
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        Ping(1).token = 2  # type: ignore[misc]
