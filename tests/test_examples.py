@@ -1,0 +1,12 @@
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quickstart_runs_and_shows_one_upstream_connection() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("LEADER") == 1
+    assert "the upstream saw 1 connection(s) from 4 workers" in out.stdout
