@@ -106,6 +106,11 @@ class LeaderLostError(CallError):
     """The leader went away while the call was in flight: it may or may not have run."""
 
 
+class NotSentError(LeaderLostError):
+    """The connection was lost before the request was (wholly) sent: the leader
+    cannot have run it, so it is safe to send again to the next leader."""
+
+
 class LeaderUnresponsiveError(CallError):
     """The leader process stopped answering heartbeats."""
 

@@ -25,6 +25,7 @@ from ._errors import (
     ConnshareError,
     LeaderLostError,
     LeaderUnresponsiveError,
+    NotSentError,
     ProtocolError,
 )
 from ._loop import mark_no_blocking_thread
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("connshare.follower")
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_PEEK = socket.MSG_PEEK | _DONTWAIT
 
 
 class Pending:
@@ -122,9 +124,19 @@ class FollowerConnection:
 
     def check_usable(self) -> None:
         if self.lost is not None:
-            raise LeaderLostError(f"connection to the leader (pid {self.peer_pid}) is lost: {self.lost}")
+            raise NotSentError(f"connection to the leader (pid {self.peer_pid}) is lost: {self.lost}")
         if self.unresponsive:
             raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
+        # A dead leader's FIN may sit unread for a moment: a request sent into that
+        # socket would fail as "in flight", though it can never have run. One cheap
+        # peek tells (EOF reads as b"" for as long as the socket lives).
+        try:
+            if self.sock.recv(1, _PEEK) == b"":
+                raise NotSentError(f"the leader (pid {self.peer_pid}) closed the connection")
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            raise NotSentError(f"connection to the leader (pid {self.peer_pid}) broke: {exc}") from exc
 
     def send(self, frame: bytes, timeout: float | None = None) -> None:
         """Write a whole frame, or fail the connection: a half-sent frame would
@@ -136,7 +148,7 @@ class FollowerConnection:
                 n = 0
             except OSError as exc:
                 self.abort(exc)
-                raise LeaderLostError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
+                raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
             if n < len(frame):
                 self._send_slow(memoryview(frame)[n:], timeout)
 
@@ -154,8 +166,8 @@ class FollowerConnection:
             except BlockingIOError:
                 continue
             except OSError as exc:
-                self.abort(exc)
-                raise LeaderLostError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
+                self.abort(exc)  # a partial frame never runs: the leader needs all of it
+                raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
             rest = rest[n:]
 
     def request_sync(self, wire_without_rid: list, timeout: float) -> Any:

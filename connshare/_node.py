@@ -32,6 +32,7 @@ from ._errors import (
     LeaderNotFoundError,
     LimitExceededError,
     NotReadyError,
+    NotSentError,
     PortInUseError,
     ProtocolError,
     ProtocolVersionError,
@@ -261,6 +262,15 @@ class Node:
             delay = min(delay * 2, 0.05)
 
     async def _connect(self) -> tuple[FollowerConnection, list[bytes]]:
+        try:
+            return await self._try_connect()
+        except PortInUseError:
+            raise
+        except OSError as exc:  # refused, reset, not connected: a leader coming or going
+            log.debug("connecting to port %s: %r", self.port, exc)
+            raise _Retry() from None
+
+    async def _try_connect(self) -> tuple[FollowerConnection, list[bytes]]:
         loop = self.loop
         opts = self.options
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -620,6 +630,8 @@ class Node:
                 return conn.request_sync(
                     [MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], max(deadline - time.monotonic(), 0.0)
                 )
+            except NotSentError:
+                stale = route  # it never reached the leader: always safe to send again
             except LeaderLostError:
                 if not spec.idempotent or retried:
                     raise
@@ -661,6 +673,8 @@ class Node:
                     handle.cancel()
                     if not fut.done():
                         conn.forget(rid)
+            except NotSentError:
+                stale = route
             except LeaderLostError:
                 if not spec.idempotent or retried:
                     raise

@@ -112,6 +112,10 @@ class KVClient(Base):
         await asyncio.sleep(seconds)
         return seconds
 
+    def trouble(self, message: str) -> None:
+        """The upstream misbehaves: the real client emits an error event."""
+        self.emit("error", AppError(message))
+
     def bump(self, n: int = 1) -> None:
         time.sleep(0.2)
         self.bumped += n

@@ -1,0 +1,274 @@
+"""The leader dies, is recycled or hangs, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import kv_spec
+from tests.harness import AgentError, Worker, wait_until
+
+FAST = {"heartbeat_interval": 0.2, "max_wait_time": 10, "response_timeout": 5}
+
+
+def _leader(ws: list[Worker]) -> Worker:
+    def find() -> Worker | None:
+        for w in ws:
+            if w.role()["is_leader"]:
+                return w
+        return None
+
+    return wait_until(find, what="a leader")
+
+
+def _everyone_gets(ws: list[Worker], upstream, keys: tuple[str, ...], value: object) -> None:
+    for k in keys:
+        upstream.set(k, value)
+    for w in ws:
+        for k in keys:
+            w.wait_event(k, lambda v, k=k: v["key"] == k and v["value"] == value, timeout=20)
+
+
+def test_kill_the_leader_ten_times(port, upstream, spawn) -> None:
+    keys = ("alpha", "beta")
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(4)])
+    for w in ws:
+        w.ready()
+        for k in keys:
+            w.subscribe({"key": k}, k)
+    _everyone_gets(ws, upstream, keys, "round-0")
+    caller = None
+    for rnd in range(1, 11):
+        leader = _leader(ws)
+        if caller is None or caller is leader:
+            if caller is not None:
+                caller.request("stop_calls")
+            caller = next(w for w in ws if w is not leader)
+            caller.request("start_calls", "0", "whoami", [])
+        wait_until(lambda c=caller: c.request("calls_so_far")["ok"] > 0, what="calls before the kill")
+        leader.kill()
+        leader.proc.join(10)
+        ws.remove(leader)
+        (newcomer,) = spawn([kv_spec(port, upstream.port, **FAST)])
+        newcomer.ready()
+        for k in keys:
+            newcomer.subscribe({"key": k}, k)
+        ws.append(newcomer)
+        # every live process, old and new, receives the next event on both keys
+        _everyone_gets(ws, upstream, keys, f"round-{rnd}")
+        assert upstream.wait_for(lambda s: s.live_connections == 1, 10), f"round {rnd}: {upstream.live_connections} upstream connections"
+        stats = caller.request("calls_so_far")
+        assert set(stats["errors"]) <= {"LeaderLostError"}, stats
+        assert stats["max"] < FAST["response_timeout"] + 1, stats
+        assert len({w.role()["leader_pid"] for w in ws}) == 1
+    stats = caller.request("stop_calls")
+    assert not stats["alive"] and stats["ok"] > 0
+    assert set(stats["errors"]) <= {"LeaderLostError"}, stats
+
+
+def test_calls_during_the_gap_wait_for_the_new_leader(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    others = [w for w in ws if w is not leader]
+    leader.kill()
+    leader.proc.join(10)
+    # the very next call, issued with no leader, goes to the new one
+    pid = others[0].call("whoami")
+    assert pid in {w.pid for w in others}
+    assert others[1].call("whoami") == pid
+
+
+def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+        w.subscribe({"key": "g"}, "g")
+    leader = _leader(ws)
+    callers = [w for w in ws if w is not leader]
+    for c in callers:
+        c.request("start_calls", "0", "echo", ["x" * 100])
+    wait_until(lambda: all(c.request("calls_so_far")["ok"] > 50 for c in callers), what="calls flowing")
+    leader.request("close", "0")  # the worker is recycled: close() hands off
+    new_leader = _leader(callers)
+    wait_until(lambda: all(c.request("calls_so_far")["ok"] > 0 for c in callers))
+    before = [c.request("calls_so_far")["ok"] for c in callers]
+    wait_until(
+        lambda: all(c.request("calls_so_far")["ok"] > b + 50 for c, b in zip(callers, before, strict=True)),
+        what="calls after the handoff",
+    )
+    for c in callers:
+        stats = c.request("stop_calls")
+        assert stats["errors"] == {}, stats
+    _everyone_gets(callers, upstream, ("g",), "after-handoff")
+    assert new_leader.role()["is_leader"]
+    assert upstream.wait_for(lambda s: s.live_connections == 1, 10)
+
+
+def test_idempotent_calls_are_sent_again_once(port, upstream, spawn) -> None:
+    delegates = ["whoami", ["sleep", "invoke", {"idempotent": True}], ["asleep", "invoke", {"idempotent": True}]]
+    ws = spawn(*[[kv_spec(port, upstream.port, delegates=delegates, **FAST)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    caller = next(w for w in ws if w is not leader)
+    for method in ("sleep", "asleep"):
+        leader = _leader(ws)
+        if caller is leader:
+            caller = next(w for w in ws if w is not leader)
+        cid = next(caller._ids)
+        caller.conn.send((cid, "call", ("0", method, [0.5])))
+        time.sleep(0.2)  # the call is in flight on the leader (it sleeps 0.5 s)
+        leader.kill()
+        ws.remove(leader)
+        with caller.cond:
+            assert caller.cond.wait_for(lambda cid=cid, c=caller: cid in c._replies, 15)
+            ok, value = caller._replies.pop(cid)
+        assert ok and value == 0.5, value
+        (newcomer,) = spawn([kv_spec(port, upstream.port, delegates=delegates, **FAST)])
+        newcomer.ready()
+        ws.append(newcomer)
+
+
+def test_non_idempotent_call_in_flight_raises_leader_lost(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(2)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    caller = next(w for w in ws if w is not leader)
+    cid = next(caller._ids)
+    caller.conn.send((cid, "call", ("0", "sleep", [1.0])))
+    time.sleep(0.2)
+    leader.kill()
+    with caller.cond:
+        assert caller.cond.wait_for(lambda: cid in caller._replies, 15)
+        ok, value = caller._replies.pop(cid)
+    assert not ok and value["type"] == "LeaderLostError"
+    assert caller.call("whoami") == caller.pid  # and it took over
+
+
+def test_a_hung_leader_fails_calls_fast_then_failover(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+        w.subscribe({"key": "h"}, "h")
+    leader = _leader(ws)
+    others = [w for w in ws if w is not leader]
+    leader.kill(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(AgentError) as info:
+            others[0].call("sleep", 0)
+            others[0].call("sleep", 0)
+        took = time.monotonic() - t0
+        assert info.value.type in ("LeaderUnresponsiveError", "CallTimeoutError")
+        # within the heartbeat bound (3 intervals), well before response_timeout
+        wait_until(lambda: _raises(others[1], "LeaderUnresponsiveError"), timeout=5, what="fast failure")
+        with pytest.raises(AgentError) as info:
+            others[1].call("whoami")
+        assert info.value.type == "LeaderUnresponsiveError" and str(leader.pid) in info.value.desc["message"]
+        assert took < FAST["response_timeout"]
+    finally:
+        leader.kill(signal.SIGKILL)
+    # once the hung process dies, failover proceeds
+    wait_until(lambda: _ok(others[0]), timeout=20, what="failover after the hung leader died")
+    _everyone_gets(others, upstream, ("h",), "after-hang")
+
+
+def _raises(w: Worker, name: str) -> bool:
+    t0 = time.monotonic()
+    try:
+        w.call("whoami")
+    except AgentError as exc:
+        return exc.type == name and time.monotonic() - t0 < 0.5
+    return False
+
+
+def _ok(w: Worker) -> bool:
+    try:
+        w.call("whoami")
+        return True
+    except AgentError:
+        return False
+
+
+def test_a_silent_follower_is_dropped_and_its_subscriptions_released(port, upstream, spawn) -> None:
+    leader_w, silent = spawn([kv_spec(port, upstream.port, **FAST)], [kv_spec(port, upstream.port, **FAST)])
+    leader_w.ready()
+    silent.ready()
+    if silent.role()["is_leader"]:
+        leader_w, silent = silent, leader_w
+    silent.subscribe({"key": "only-silent"}, "s")
+    assert upstream.wait_for(lambda s: s.watcher_count("only-silent") == 1, 10)
+    silent.kill(signal.SIGSTOP)
+    try:
+        # the leader drops it after 3 heartbeats and unsubscribes upstream
+        assert upstream.wait_for(lambda s: s.watcher_count("only-silent") == 0, 10)
+    finally:
+        silent.kill(signal.SIGCONT)
+    # when it wakes, it reconnects and resubscribes
+    assert upstream.wait_for(lambda s: s.watcher_count("only-silent") == 1, 15)
+
+
+def test_upstream_trouble_reaches_followers(port, upstream, spawn) -> None:
+    def specs() -> list:
+        return [
+            kv_spec(port, upstream.port, **FAST, delegates=["echo", "trouble"]),
+            {"id": "b", "cls": "KVClient", "args": [upstream.port, "ready"], "options": {"port": port, "name": "broken", **FAST}},
+        ]
+
+    (leader,) = spawn(specs())
+    assert leader.ready()["is_leader"]
+    (follower,) = spawn(specs())
+    follower.ready()
+    # the leader's real client failed ready(): followers get it raised, not silence
+    for w in (leader, follower):
+        with pytest.raises(AgentError) as info:
+            w.ready("b", timeout=20)
+        assert info.value.type == "NotReadyError" and "upstream refused us" in info.value.desc["message"]
+    # the real client's error events reach every process's error listeners
+    follower.call("trouble", "upstream hiccup")
+    for w in (leader, follower):
+        errs = wait_until(lambda w=w: w.request("errors", "0"), what="error event")
+        assert errs[0]["type"] == "AppError" and "upstream hiccup" in errs[0]["message"]
+
+
+def test_fork_before_use(port, upstream) -> None:
+    import multiprocessing
+
+    from connshare import cluster
+    from tests.clients import KVClient
+
+    parent = cluster(KVClient, port=port, name="kv", **FAST).delegate("whoami").delegate("get").create(upstream.port)
+    parent.wait_ready(10)
+    assert parent.is_leader
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+
+    def child() -> None:
+        try:
+            # the inherited client works in the child: it joins as a follower
+            q.put(("ok", parent.whoami(), parent.is_leader, os.getpid()))
+        except Exception as exc:
+            q.put(("err", repr(exc), None, None))
+
+    procs = [ctx.Process(target=child) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        results = [q.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    for status, who, is_leader, _ in results:
+        assert status == "ok", who
+        assert who == os.getpid() and is_leader is False
+    assert parent.whoami() == os.getpid()  # the parent keeps working
+    assert upstream.live_connections == 1
+    parent.close()
