@@ -34,7 +34,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
         return loop
     with _lock:
         if _loop is None:
-            loop = asyncio.new_event_loop()
+            loop = _new_loop()
             started = threading.Event()
 
             def run() -> None:
@@ -47,6 +47,18 @@ def get_loop() -> asyncio.AbstractEventLoop:
             started.wait()
             _loop = loop
         return _loop
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed (the ``fast`` extra) unless CONNSHARE_LOOP=asyncio."""
+    if os.environ.get("CONNSHARE_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
 
 
 def loop_thread_id() -> int | None:

@@ -627,9 +627,8 @@ class Node:
                 return self._local_sync(route, spec.name, args, kwargs, deadline)
             conn, wire_id = route
             try:
-                return conn.request_sync(
-                    [MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], max(deadline - time.monotonic(), 0.0)
-                )
+                left = timeout if stale is None else max(deadline - time.monotonic(), 0.0)
+                return conn.request_sync([MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], left)
             except NotSentError:
                 stale = route  # it never reached the leader: always safe to send again
             except LeaderLostError:
@@ -665,7 +664,7 @@ class Node:
                 return await self._local_async(route, spec.name, args, kwargs, deadline, loop)
             conn, wire_id = route
             try:
-                rid, fut = conn.request_async([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, 0, timeout], loop)
+                rid, fut = conn.request_async([MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], loop)
                 handle = loop.call_later(max(deadline - time.monotonic(), 0.0), _expire, fut, conn, rid, timeout)
                 try:
                     return await fut

@@ -130,3 +130,38 @@ def test_forced_leader_and_a_port_that_stays_taken(port, upstream, spawn) -> Non
     # a plain process follows the forced leader
     (third,) = spawn([kv_spec(port, upstream.port)])
     assert third.ready()["leader_pid"] == first.pid
+
+
+def test_coroutine_listener_runs_on_the_loop_it_was_registered_from(upstream) -> None:
+    c = cluster(KVClient, name="coro-listener", single_mode=True).create(upstream.port)
+    try:
+        c.wait_ready(10)
+        upstream.set("cl", "v")
+
+        async def main() -> tuple:
+            loop = asyncio.get_running_loop()
+            got: asyncio.Queue = asyncio.Queue()
+
+            async def listener(value: Any) -> None:
+                await got.put((value["value"], asyncio.get_running_loop() is loop))
+
+            c.subscribe({"key": "cl"}, listener)
+            return await asyncio.wait_for(got.get(), 10)
+
+        assert asyncio.run(main()) == ("v", True)
+    finally:
+        c.close()
+
+
+def test_two_live_listeners_on_one_port_are_impossible(port) -> None:
+    from connshare._election import try_bind
+
+    first = try_bind(port)
+    assert first is not None
+    try:
+        assert try_bind(port) is None
+    finally:
+        first.close()
+    again = try_bind(port)  # free once the first is gone
+    assert again is not None
+    again.close()
