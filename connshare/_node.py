@@ -813,14 +813,14 @@ class Node:
                 self._closed_cf.set_result(None)
 
     async def _shutdown_inner(self) -> None:
-        for st in self.channels.values():
-            self._channel_failed(st, ClientClosedError("the client is closed")) if st.route is None else None
         if self.role is Role.LEADER:
             # Graceful handoff: free the port, tell the followers, answer what is in
             # flight, and only then close the real clients.
             self.leaving = True
             if self._accept_task is not None:
                 self._accept_task.cancel()
+                # let the cancel land first: it unregisters the socket from the selector
+                await asyncio.gather(self._accept_task, return_exceptions=True)
             if self._listen_sock is not None:
                 self._listen_sock.close()  # the port is free for the next leader
             for peer in list(self.peers):
