@@ -11,8 +11,6 @@ from __future__ import annotations
 import errno
 import socket
 
-import psutil
-
 HOST = "127.0.0.1"
 
 
@@ -35,6 +33,8 @@ def try_bind(port: int) -> socket.socket | None:
 def port_owner(port: int) -> tuple[str | None, str | None]:
     """A description of the process listening on ``port`` and its status, where
     psutil can see it."""
+    import psutil  # only for this diagnostic: ~0.6 MB a worker need not pay
+
     try:
         for c in psutil.net_connections(kind="tcp"):
             if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port and c.pid:
