@@ -61,16 +61,17 @@ class Pending:
             self.lock = None
             self.fut = loop.create_future()
 
-    def settle(self, ok: bool, value: Any) -> None:
+    def settle(self, ok: bool, value: Any, batch: dict | None = None) -> None:
+        """Wake the waiter. With ``batch`` (the reader thread), a future's result is
+        queued per loop, so that one wake-up settles every answer of one read."""
         self.ok = ok
         self.value = value
         if self.lock is not None:
             self.lock.release()
+        elif batch is not None:
+            batch.setdefault(self.loop, []).append((self.fut, ok, value))
         else:
-            try:
-                self.loop.call_soon_threadsafe(_settle_fut, self.fut, ok, value)  # type: ignore[union-attr]
-            except RuntimeError:
-                pass  # the caller's loop is closed: nobody is waiting
+            _wake(self.loop, [(self.fut, ok, value)])  # type: ignore[arg-type]
 
     def outcome(self) -> Any:
         if self.ok:
@@ -78,12 +79,20 @@ class Pending:
         raise self.value
 
 
-def _settle_fut(fut: asyncio.Future, ok: bool, value: Any) -> None:
-    if not fut.done():
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
+def _wake(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle_futs, items)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody is waiting
+
+
+def _settle_futs(items: list) -> None:
+    for fut, ok, value in items:
+        if not fut.done():
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
 
 class FollowerConnection:
@@ -237,8 +246,11 @@ class FollowerConnection:
                 if self.unresponsive:
                     self.unresponsive = False
                     log.info("the leader (pid %s) answers again", self.peer_pid)
+                batch: dict = {}
                 for body in feed(view[:n]):
-                    handle(unpack(body))
+                    handle(unpack(body), batch)
+                for loop, items in batch.items():
+                    _wake(loop, items)
         except ProtocolError as exc:
             log.error("leader (pid %s) broke the protocol: %s", self.peer_pid, exc)
             reason = exc
@@ -249,14 +261,14 @@ class FollowerConnection:
             reason = exc
         self._finish(reason)
 
-    def _handle(self, wire: list) -> None:
+    def _handle(self, wire: list, batch: dict | None = None) -> None:
         t = wire[0]
         if t == MsgType.RESULT:
             p = self.pending.pop(wire[1], None)
             if p is not None:
                 if p.hook is not None:
                     p.hook(wire[2])
-                p.settle(True, wire[2])
+                p.settle(True, wire[2], batch)
         elif t == MsgType.EVENT:
             sub = self.keys.get(wire[1])
             if sub is not None:
@@ -267,7 +279,7 @@ class FollowerConnection:
                 raise ProtocolError(f"the leader closed the connection: {msg.message}")
             p = self.pending.pop(msg.rid, None)
             if p is not None:
-                p.settle(False, exception_from(msg, self.peer_pid))
+                p.settle(False, exception_from(msg, self.peer_pid), batch)
         elif t == MsgType.PING:
             self.send(self.codec.pack([MsgType.PONG, wire[1]]), 1.0)
         elif t == MsgType.PONG:
