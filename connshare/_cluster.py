@@ -359,6 +359,18 @@ class APIClientBase(Base):
     def is_leader(self) -> bool:
         return self._client.is_leader
 
+    # Readiness is the cluster client's: after a fork the child's client elects
+    # anew, and a copy of the parent's flag would say "ready" too soon.
+    @property
+    def is_ready(self) -> bool:
+        return self._client.is_ready
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        self._client.wait_ready(timeout)
+
+    async def _await_ready(self) -> None:
+        await self._client.ready()
+
     def close(self) -> None:
         self._client.close()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import encodings.idna  # noqa: F401  (see below)
 import logging
 import os
 import threading
@@ -17,6 +18,10 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ._errors import ConcurrencyError
+
+# Imported above, not lazily by the loop thread's first getaddrinfo: a fork while
+# that thread holds the import lock leaves the child unable to import it
+# ("LookupError: unknown encoding: idna" under gunicorn --preload).
 
 log = logging.getLogger("connshare.loop")
 T = TypeVar("T")

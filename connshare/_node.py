@@ -487,7 +487,8 @@ class Node:
                 conn.forget(rid)
                 raise ChannelNotFoundError(
                     f"the leader (pid {conn.peer_pid}) on port {self.port} hosts no channel {state.name!r} "
-                    f"(waited max_wait_time={state.options.max_wait_time} s)"
+                    f"(waited max_wait_time={state.options.max_wait_time} s); if another app uses this port, "
+                    "give each app its own port (port= or CONNSHARE_PORT)"
                 ) from None
         except (ChannelNotFoundError, NotReadyError) as exc:
             if conn is self.conn:

@@ -168,7 +168,10 @@ def main() -> None:
                 p.kill()
     for r in reports:
         role = "LEADER  " if r["is_leader"] else "follower"
-        print(f"worker {r['worker']} pid {r['pid']} {role} upstream connections={r['upstream_connections']} saw web={r['web_instances_seen']}")
+        print(
+            f"worker {r['worker']} pid {r['pid']} {role} "
+            f"upstream connections={r['upstream_connections']} saw web={r['web_instances_seen']}"
+        )
     leaders = [r for r in reports if r["is_leader"]]
     print(f"leader: pid {leaders[0]['pid']}; the upstream saw {registry.connections} connection(s) from 4 workers")
     registry.shutdown()

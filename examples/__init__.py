@@ -1,0 +1,1 @@
+"""connshare's examples (run them from the repository root: ``python -m examples...``)."""
