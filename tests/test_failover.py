@@ -272,3 +272,37 @@ def test_fork_before_use(port, upstream) -> None:
     assert parent.whoami() == os.getpid()  # the parent keeps working
     assert upstream.live_connections == 1
     parent.close()
+
+
+def test_api_client_readiness_after_fork(port, upstream) -> None:
+    import multiprocessing
+
+    from connshare import APIClientBase
+    from tests.clients import KVClient
+
+    class API(APIClientBase):
+        DataClient = KVClient
+        delegates = {"whoami": "invoke"}
+        cluster_options = {"port": port, "name": "kv-api", **FAST}
+
+    api = API(upstream.port)
+    api.wait_ready(10)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+
+    def child() -> None:
+        # the flag copied from the parent must not say "ready" before the child's
+        # own cluster client has joined
+        api.wait_ready(10)
+        q.put((api._client.role, api._client.leader_pid, api._client.whoami()))
+
+    p = ctx.Process(target=child)
+    p.start()
+    try:
+        role, leader_pid, who = q.get(timeout=30)
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+    assert role == "follower" and leader_pid == os.getpid() == who
+    api.close()
