@@ -22,15 +22,18 @@ from ._errors import (
     ChannelNotFoundError,
     ConnshareError,
     EncodeError,
+    FrameTooLargeError,
     LimitExceededError,
     MethodNotAllowedError,
     ProtocolError,
 )
 from ._host import ChannelHost, KeyState
 from ._protocol import (
+    MAX_HANDSHAKE_FRAME,
     ONEWAY,
     ErrorCode,
     FrameDecoder,
+    HandshakeState,
     LeaderHandshake,
     MsgType,
     to_message,
@@ -77,7 +80,9 @@ class PeerProtocol:
         self.loop = node.loop
         self.codec = node.codec
         self.options = node.options
-        self.decoder = FrameDecoder(node.options.max_frame_size)
+        # Until the peer has proved it knows the secret, a frame can only be a
+        # handshake message: a stranger must not make us buffer max_frame_size.
+        self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
         self.handshake = LeaderHandshake(node.secret)
         self.sock = sock
         self.fd = sock.fileno()
@@ -87,6 +92,8 @@ class PeerProtocol:
         self.channels: dict[int, ChannelHost] = {}
         self.subs: dict[int, tuple[ChannelHost, KeyState]] = {}
         self.inflight = 0
+        self._refused = 0  # requests refused for max_inflight_per_follower
+        self._tasks: set[asyncio.Task] = set()  # pending REGISTERs, ended with the peer
         self.last_rx = time.monotonic()
         self._wlock = threading.Lock()
         self._wbuf = bytearray()
@@ -122,7 +129,10 @@ class PeerProtocol:
             self._lost(f"read failed: {exc}")
             return
         if not n:
-            self._lost(None)
+            if not self.open and self.handshake.state is HandshakeState.SENT_CHALLENGE:
+                # What a connshare follower with another secret does on our proof.
+                log.warning("leader: peer %s (pid %s) hung up during the handshake (another secret?)", self.addr, self.pid)
+            self._lost("closed the connection in the middle of a frame" if self.decoder.buffered else None)
             return
         self.data_received(memoryview(buf)[:n])
 
@@ -154,6 +164,8 @@ class PeerProtocol:
             return
         if self._hs_timer is not None:
             self._hs_timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
         with self._wlock:
@@ -208,8 +220,12 @@ class PeerProtocol:
                 self._wbuf += memoryview(frame)[n:]
                 self._arm_writer()
             else:
-                self._wbuf += frame
-            over = len(self._wbuf) > self.options.max_buffered_bytes
+                # Judge the backlog before this frame: one frame larger than the
+                # limit, to a follower that keeps up, is no reason to drop it. The
+                # queue stays under max_buffered_bytes + one frame.
+                over = len(self._wbuf) > self.options.max_buffered_bytes
+                if not over:
+                    self._wbuf += frame
         if over:
             self.drop(f"follower is not reading: over max_buffered_bytes={self.options.max_buffered_bytes} queued")
 
@@ -265,8 +281,9 @@ class PeerProtocol:
             return
         for m in replies:
             self.write(self.codec.encode(m))
-        if self.handshake.state.name == "OPEN":
+        if self.handshake.state is HandshakeState.OPEN:
             self.open = True
+            self.decoder.max_frame_size = self.options.max_frame_size
             if self._hs_timer is not None:
                 self._hs_timer.cancel()
             if self.node.leaving:
@@ -291,7 +308,14 @@ class PeerProtocol:
         elif t == MsgType.PUBLISH:
             self._publish(wire)
         elif t == MsgType.REGISTER:
-            self.node.spawn(self._register(wire[1], wire[2]))
+            try:
+                self._admit()
+            except LimitExceededError as exc:
+                self._error(wire[1], exc)
+                return
+            task = self.node.spawn(self._register(wire[1], wire[2]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         else:
             self.drop(f"unexpected {MsgType(t).name} from a follower")
 
@@ -299,12 +323,27 @@ class PeerProtocol:
         if rid:
             self.send(error_message(rid, exc, _code_for(exc)).to_wire())
 
+    def _admit(self) -> None:
+        """Count one more request in flight, or raise LimitExceededError."""
+        limit = self.options.max_inflight_per_follower
+        if self.inflight >= limit:
+            self._refused += 1
+            if self._refused == 1:
+                log.warning("leader: peer %s (pid %s) has %s requests in flight; refusing more", self.addr, self.pid, limit)
+            raise LimitExceededError(f"max_inflight_per_follower={limit} calls in flight")
+        with self._wlock:
+            self.inflight += 1
+
     async def _register(self, rid: int, name: str) -> None:
+        # A name nobody hosts waits max_wait_time: it counts as a request in flight.
         try:
             host = await self.node.host_for(name)
         except Exception as exc:
             self._error(rid, exc)
             return
+        finally:
+            with self._wlock:
+                self.inflight -= 1
         if self.closed:
             return
         self.channels[host.id] = host
@@ -355,14 +394,11 @@ class PeerProtocol:
         if oneway:
             rid = 0
         try:
-            if self.inflight >= self.options.max_inflight_per_follower:
-                raise LimitExceededError(f"max_inflight_per_follower={self.options.max_inflight_per_follower} calls in flight")
             fn, is_coro = self._host(channel).resolve(method)
+            self._admit()
         except Exception as exc:
             self._error(rid, exc)
             return
-        with self._wlock:
-            self.inflight += 1
         self.node.call_started()
         if is_coro:
             try:
@@ -403,7 +439,7 @@ class PeerProtocol:
             if exc is None:
                 try:
                     frame = self.codec.pack([MsgType.RESULT, rid, value])
-                except EncodeError as e:
+                except (EncodeError, FrameTooLargeError) as e:
                     exc = e
                 else:
                     self.write(frame)

@@ -40,6 +40,8 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 NONCE_SIZE = 16
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: Largest frame a leader reads before the handshake is done (HELLO, AUTH: ~50 bytes).
+MAX_HANDSHAKE_FRAME = 1024
 
 
 class MsgType(enum.IntEnum):
@@ -266,19 +268,32 @@ class Codec:
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, transcode: Transcode | None = None):
         self.max_frame_size = max_frame_size
         self.transcode = transcode
-        default = transcode.encode if transcode else None
+        default = None
+        if transcode is not None:
+            encode = transcode.encode
+
+            def default(value: Any) -> Any:
+                out = encode(value)
+                check_keys(out)  # what the user's encode returns obeys the key rule too
+                return out
+
         self._packer = msgpack.Packer(use_bin_type=True, default=default, autoreset=True)
         self._ext_hook = transcode.decode if transcode else msgpack.ExtType
 
     def pack(self, wire: list[Any]) -> bytes:
         """One frame for the wire array ``wire``. Raises :class:`EncodeError`."""
-        if self.transcode is None:
+        # With or without transcode: the receiving end refuses other keys
+        # (strict_map_key), and would drop the whole connection for them.
+        try:
             for item in wire:
                 if type(item) not in SCALARS:
                     check_keys(item)
+        except RecursionError:
+            # A peer can send a value ~1000 deep for the leader to echo back.
+            raise EncodeError("cannot encode for the wire: the value nests too deeply (or contains itself)") from None
         try:
             body = self._packer.pack(wire)
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise EncodeError(f"cannot encode for the wire: {exc}") from exc
         if len(body) > self.max_frame_size:
             raise FrameTooLargeError(f"frame of {len(body)} bytes exceeds max_frame_size={self.max_frame_size}")

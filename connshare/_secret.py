@@ -7,6 +7,7 @@ or that others can read, is refused: it could have been planted to learn the key
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -63,6 +64,10 @@ def load_or_create_secret(port: int) -> bytes:
             finally:
                 os.unlink(tmp)
             continue
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: planted, maybe
+                raise ConfigurationError(f"secret file {path} is a symlink; refusing to use it") from None
+            raise
         try:
             st = os.fstat(fd)
             if st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:

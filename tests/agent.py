@@ -4,6 +4,7 @@ and runs commands on them, and streams subscription events back."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import threading
 import time
@@ -27,7 +28,8 @@ def describe(exc: BaseException) -> dict:
 
 
 def build(spec: dict) -> Any:
-    cls = getattr(client_classes, spec["cls"])
+    module = importlib.import_module(spec["module"]) if "module" in spec else client_classes
+    cls = getattr(module, spec["cls"])
     b = connshare.cluster(cls, **spec.get("options", {}))
     for d in spec.get("delegates", []):
         if isinstance(d, str):
@@ -130,6 +132,15 @@ class Agent:
             self._await(sub())
         else:
             getattr(c, method)(reg, listener)
+
+    def op_subscribe_summary(self, cid: str, reg: Any, tag: str) -> None:
+        """Like subscribe, but send back only ``{"seq", "size"}`` of each value (for
+        large values that the pipe to the test should not carry)."""
+
+        def listener(value: Any) -> None:
+            self.send(("event", tag, {"seq": value["seq"], "size": len(value["data"])}, {}))
+
+        self.clients[cid].subscribe(reg, listener)
 
     def op_subscribe_calling(self, cid: str, reg: Any, tag: str) -> None:
         """A listener that makes a blocking call (on connshare's thread)."""
