@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._base import Base
-from ._errors import EncodeError, MethodNotAllowedError, NotReadyError
+from ._errors import EncodeError, FrameTooLargeError, MethodNotAllowedError, NotReadyError
 from ._loop import on_loop_thread
 from ._protocol import Codec, MsgType
 from ._spec import ChannelState
@@ -31,7 +31,7 @@ class Sink(Protocol):
 class KeyState:
     """One upstream subscription and who gets its values."""
 
-    __slots__ = ("canon", "frame", "has_value", "id", "listener", "method", "reg", "rr", "sinks", "value")
+    __slots__ = ("canon", "frame", "has_value", "id", "listener", "method", "reg", "rr", "sinks", "unsendable", "value")
 
     def __init__(self, key_id: int, method: str, reg: Any, canon: bytes) -> None:
         self.id = key_id
@@ -44,14 +44,16 @@ class KeyState:
         self.frame: bytes | None = None
         self.listener: Callable[[Any], None] | None = None
         self.rr = 0
+        self.unsendable: Exception | None = None
 
     def event_frame(self, codec: Codec) -> bytes | None:
         """The EVENT frame of the last value, encoded once for every follower."""
         if self.frame is None:
             try:
                 self.frame = codec.pack([MsgType.EVENT, self.id, self.value])
-            except EncodeError:
-                log.exception("value of %s %r cannot be sent to followers", self.method, self.reg)
+            except (EncodeError, FrameTooLargeError) as exc:
+                log.error("a value of %s(%r) cannot be sent to followers: %s", self.method, self.reg, exc)
+                self.unsendable = exc
                 return None
         return self.frame
 
@@ -177,6 +179,10 @@ class ChannelHost:
                 sink.push(ks, value)
             except Exception:
                 log.exception("channel %r: delivering %r failed", self.state.name, ks.reg)
+        if ks.unsendable is not None:
+            # followers missed this value: tell every process, not just the log
+            exc, ks.unsendable = ks.unsendable, None
+            self._fan_error(exc)
 
     def publish(self, method: str, reg: Any) -> None:
         spec = self.state.spec.get(method)

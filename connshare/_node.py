@@ -43,6 +43,7 @@ from ._leader import PeerProtocol
 from ._loop import forbid_loop_thread, get_loop, on_loop_thread
 from ._options import Options
 from ._protocol import (
+    MAX_HANDSHAKE_FRAME,
     ONEWAY,
     Challenge,
     Codec,
@@ -70,6 +71,10 @@ class Role(enum.Enum):
     FOLLOWER = "follower"
     LOCAL = "single"
     CLOSED = "closed"
+
+
+#: How often a request that never reached a leader is sent again.
+MAX_RESENDS = 3
 
 
 class _Retry(Exception):
@@ -238,7 +243,7 @@ class Node:
         deadline = loop.time() + opts.max_wait_time
         delay = 0.0005
         self.role = Role.ELECTING
-        quiet_since: float | None = None
+        hung_up_since: float | None = None
         while True:
             if opts.is_leader is not False:
                 sock = try_bind(self.port)
@@ -248,8 +253,16 @@ class Node:
                 try:
                     return await self._connect()
                 except _Retry as r:
-                    if r.args and r.args[0] == "quiet":
-                        quiet_since = quiet_since or loop.time()
+                    # A leader going away hangs up for a moment; a program that
+                    # keeps accepting and hanging up is not a leader at all.
+                    if r.args and r.args[0] == "hung up":
+                        hung_up_since = hung_up_since or loop.time()
+                        if loop.time() - hung_up_since > opts.connect_timeout:
+                            owner, _ = port_owner(self.port)
+                            why = "it accepts connections and hangs up without a connshare handshake"
+                            raise PortInUseError(self.port, why, owner) from None
+                    else:
+                        hung_up_since = None
             if self.closing:
                 raise ClientClosedError("closed during the election")
             if loop.time() > deadline:
@@ -266,9 +279,9 @@ class Node:
             return await self._try_connect()
         except PortInUseError:
             raise
-        except OSError as exc:  # refused, reset, not connected: a leader coming or going
+        except OSError as exc:  # reset, not connected: a leader coming or going
             log.debug("connecting to port %s: %r", self.port, exc)
-            raise _Retry() from None
+            raise _Retry("hung up") from None
 
     async def _try_connect(self) -> tuple[FollowerConnection, list[bytes]]:
         loop = self.loop
@@ -279,13 +292,15 @@ class Node:
         try:
             try:
                 await asyncio.wait_for(loop.sock_connect(sock, (HOST, self.port)), opts.connect_timeout)
-            except (ConnectionRefusedError, ConnectionResetError, asyncio.TimeoutError):
-                raise _Retry() from None
+            except (ConnectionRefusedError, asyncio.TimeoutError):
+                raise _Retry() from None  # nobody listens: the next round may bind
+            except ConnectionResetError:
+                raise _Retry("hung up") from None
             if sock.getsockname() == sock.getpeername():
                 raise _Retry()  # TCP connected to itself: nobody listens there
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             hs = FollowerHandshake(self.secret)
-            decoder = FrameDecoder(opts.max_frame_size)
+            decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)  # a fake leader must not make us buffer much
             await loop.sock_sendall(sock, self.codec.encode(hs.start()))
             end = loop.time() + opts.connect_timeout
             got_bytes = False
@@ -298,17 +313,17 @@ class Node:
                 except asyncio.TimeoutError:
                     owner, status = port_owner(self.port)
                     if status in ("stopped", "tracing-stop", "zombie"):
-                        raise _Retry("quiet") from None  # a hung leader: wait for it to die
+                        raise _Retry() from None  # a hung leader: wait for it to die
                     raise PortInUseError(
                         self.port, f"no connshare handshake within connect_timeout={opts.connect_timeout} s", owner
                     ) from None
                 except (ConnectionResetError, BrokenPipeError):
-                    raise _Retry() from None
+                    raise _Retry("hung up") from None
                 if not data:
                     if got_bytes:
                         owner, _ = port_owner(self.port)
                         raise PortInUseError(self.port, "the peer closed the connection during the handshake", owner)
-                    raise _Retry()  # a leader going away
+                    raise _Retry("hung up")  # a leader going away, or not a leader
                 got_bytes = True
                 try:
                     bodies = decoder.feed(data)
@@ -326,6 +341,7 @@ class Node:
                 except ProtocolError as exc:
                     owner, _ = port_owner(self.port)
                     raise PortInUseError(self.port, f"it does not speak connshare ({exc})", owner) from None
+            decoder.max_frame_size = opts.max_frame_size
             conn = FollowerConnection(sock, self.codec, decoder, hs.peer_pid, self._on_conn_lost, self._on_conn_frame)
             keep = True
             return conn, early
@@ -516,12 +532,17 @@ class Node:
             sub.key_id = key_id
 
         _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped)
-        fut.add_done_callback(functools.partial(self._subscribed, state))
+        fut.add_done_callback(functools.partial(self._subscribed, state, sub))
 
     @staticmethod
-    def _subscribed(state: ChannelState, fut: asyncio.Future) -> None:
+    def _subscribed(state: ChannelState, sub: LocalSub, fut: asyncio.Future) -> None:
         exc = fut.exception()
         if exc is not None and not isinstance(exc, LeaderLostError):
+            # Refused (a limit, not delegated, the real client raised): forget it,
+            # so that subscribing again really asks again.
+            with state.lock:
+                if state.subs.get((sub.method, sub.canon)) is sub:
+                    del state.subs[(sub.method, sub.canon)]
             state.emit_error(exc)
 
     async def _heartbeat(self, conn: FollowerConnection) -> None:
@@ -621,6 +642,7 @@ class Node:
         route = state.route
         stale = None
         retried = False
+        resends = 0
         while True:
             if route is None or route is stale:
                 route = self._route_sync(state, stale, wait_until)
@@ -631,7 +653,12 @@ class Node:
                 left = timeout if stale is None else max(deadline - time.monotonic(), 0.0)
                 return conn.request_sync([MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], left)
             except NotSentError:
-                stale = route  # it never reached the leader: always safe to send again
+                # It never reached the leader: always safe to send again, a few
+                # times (a frame the leader keeps refusing must not loop forever).
+                resends += 1
+                if resends > MAX_RESENDS:
+                    raise
+                stale = route
             except LeaderLostError:
                 if not spec.idempotent or retried:
                     raise
@@ -658,6 +685,7 @@ class Node:
         route = state.route
         stale = None
         retried = False
+        resends = 0
         while True:
             if route is None or route is stale:
                 route = await self._route_async(state, stale, wait_until)
@@ -674,6 +702,9 @@ class Node:
                     if not fut.done():
                         conn.forget(rid)
             except NotSentError:
+                resends += 1
+                if resends > MAX_RESENDS:
+                    raise
                 stale = route
             except LeaderLostError:
                 if not spec.idempotent or retried:

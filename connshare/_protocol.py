@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -262,7 +263,8 @@ class Transcode:
 class Codec:
     """Packs messages into frames and unpacks frames into wire arrays.
 
-    One codec per connection end; it holds no buffer (see :class:`FrameDecoder`).
+    One codec per node, safe to share between threads; it holds no stream buffer
+    (see :class:`FrameDecoder`).
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, transcode: Transcode | None = None):
@@ -277,8 +279,18 @@ class Codec:
                 check_keys(out)  # what the user's encode returns obeys the key rule too
                 return out
 
-        self._packer = msgpack.Packer(use_bin_type=True, default=default, autoreset=True)
+        self._default = default
+        # A Packer keeps a buffer between calls; callers on several threads
+        # (follower callers, leader workers) each get their own.
+        self._local = threading.local()
         self._ext_hook = transcode.decode if transcode else msgpack.ExtType
+
+    def _packer(self) -> msgpack.Packer:
+        try:
+            return self._local.packer
+        except AttributeError:
+            p = self._local.packer = msgpack.Packer(use_bin_type=True, default=self._default, autoreset=True)
+            return p
 
     def pack(self, wire: list[Any]) -> bytes:
         """One frame for the wire array ``wire``. Raises :class:`EncodeError`."""
@@ -292,7 +304,7 @@ class Codec:
             # A peer can send a value ~1000 deep for the leader to echo back.
             raise EncodeError("cannot encode for the wire: the value nests too deeply (or contains itself)") from None
         try:
-            body = self._packer.pack(wire)
+            body = self._packer().pack(wire)
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise EncodeError(f"cannot encode for the wire: {exc}") from exc
         if len(body) > self.max_frame_size:

@@ -27,20 +27,21 @@ class WorkerPool:
 
     def submit(self, job: Callable[..., Any], *args: Any) -> None:
         """Run ``job(*args)`` on a worker thread; it must not raise."""
+        with self._lock:
+            # Claim an idle thread for this job, or start one: a burst must not
+            # queue behind the one thread that happened to be idle.
+            if self._idle > 0:
+                self._idle -= 1
+            elif len(self._threads) < self._size and not self._closed:
+                t = threading.Thread(target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True)
+                self._threads.append(t)
+                t.start()
         self._q.put((job, args))
-        if self._idle <= 0 and len(self._threads) < self._size:
-            with self._lock:
-                if len(self._threads) < self._size and not self._closed:
-                    t = threading.Thread(target=self._run, name=f"{self._name}-{len(self._threads)}", daemon=True)
-                    self._threads.append(t)
-                    t.start()
 
     def _run(self) -> None:
         get = self._q.get
         while True:
-            self._idle += 1
             item = get()
-            self._idle -= 1
             if item is None:
                 return
             job, args = item
@@ -48,6 +49,8 @@ class WorkerPool:
                 job(*args)
             except Exception:
                 log.exception("connshare worker job failed")
+            with self._lock:
+                self._idle += 1
 
     def shutdown(self) -> None:
         self._closed = True

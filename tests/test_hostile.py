@@ -527,11 +527,6 @@ def test_max_subscriptions_per_follower(arena: Arena) -> None:
     arena.assert_healthy()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connshare/_workers.py: WorkerPool.submit sees the same idle thread for every job of a burst, so a burst runs "
-    "one job at a time on it and other followers' blocking calls queue behind (fix proposed in the hostile-input report)",
-)
 def test_one_followers_slow_calls_do_not_delay_anothers(port) -> None:
     with in_process_leader(port, secret=SECRET, max_inflight_per_follower=8) as leader, RawPeer(port) as a, RawPeer(port) as b:
         a.handshake(SECRET)

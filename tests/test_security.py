@@ -354,11 +354,6 @@ def test_a_server_that_speaks_first_is_recognised_at_once(port) -> None:
         server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connshare/_node.py takes a connection closed before any byte for a leader going away and retries until "
-    "max_wait_time, then raises ElectionError (fix proposed in the hostile-input report)",
-)
 def test_a_program_that_accepts_and_hangs_up_gives_port_in_use_error(port) -> None:
     server = FakeServer(port, hang_up=True)
     client = (
