@@ -258,13 +258,17 @@ class ClusterBuilder:
     def __init__(self, cls: type, options: Options) -> None:
         self._cls = cls
         self._options = options
-        self._delegates: dict[str, tuple[str, bool]] = {}
+        self._delegates: dict[str, tuple[str, bool, bool]] = {}
         self._overrides: dict[str, Any] = {}
 
-    def delegate(self, name: str, to: str = "invoke", *, idempotent: bool = False) -> ClusterBuilder:
+    def delegate(self, name: str, to: str = "invoke", *, idempotent: bool = False, inline: bool = False) -> ClusterBuilder:
         """Make ``name`` reach the real client as ``to`` (one of invoke,
-        invoke_oneway, subscribe, unsubscribe, publish, close). An idempotent
-        method is sent once more to the next leader if the leader dies mid-call."""
+        invoke_oneway, subscribe, unsubscribe, publish, close).
+
+        ``idempotent=True``: sent once more to the next leader if the leader dies
+        mid-call. ``inline=True``: a blocking method that never blocks (a cache
+        lookup) runs on the leader's loop thread instead of a worker thread, which
+        saves a thread hop per call; one that does block stalls every follower."""
         if to not in KINDS:
             raise ConfigurationError(f"delegate({name!r}, to={to!r}): 'to' must be one of {', '.join(KINDS)}")
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
@@ -273,7 +277,9 @@ class ClusterBuilder:
             raise ConfigurationError(f"{name!r} is part of the cluster client's own API and cannot be delegated as {to!r}")
         if not callable(getattr(self._cls, name, None)):
             raise ConfigurationError(f"{self._cls.__name__} has no method {name!r} to delegate")
-        self._delegates[name] = (to, idempotent)
+        if inline and to not in ("invoke", "invoke_oneway"):
+            raise ConfigurationError(f"delegate({name!r}, {to!r}): inline applies to invoke and invoke_oneway only")
+        self._delegates[name] = (to, idempotent, inline)
         return self
 
     def override(self, name: str, value: Any) -> ClusterBuilder:
@@ -285,10 +291,10 @@ class ClusterBuilder:
 
     def _specs(self) -> dict[str, MethodSpec]:
         cls = self._cls
-        wanted: dict[str, tuple[str, bool]] = {}
+        wanted: dict[str, tuple[str, bool, bool]] = {}
         for name, to in DEFAULT_DELEGATES.items():
             if callable(getattr(cls, name, None)):
-                wanted[name] = (to, False)
+                wanted[name] = (to, False, False)
         if self._options.auto_generate:
             for name, _ in inspect.getmembers(cls):
                 if name.startswith("_") or name in RESERVED or name in wanted:
@@ -298,9 +304,9 @@ class ClusterBuilder:
                 ):
                     if name in dir(Base):
                         continue
-                    wanted[name] = ("invoke", False)
+                    wanted[name] = ("invoke", False, False)
         wanted.update(self._delegates)
-        return {name: method_spec(cls, name, to, idem) for name, (to, idem) in wanted.items()}
+        return {name: method_spec(cls, name, to, idem, inline) for name, (to, idem, inline) in wanted.items()}
 
     def create(self, *args: Any, **kwargs: Any) -> ClusterClient:
         """Join the port's cluster; the leader builds ``cls(*args, **kwargs)``.

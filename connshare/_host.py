@@ -18,7 +18,7 @@ from ._base import Base
 from ._errors import EncodeError, FrameTooLargeError, MethodNotAllowedError, NotReadyError
 from ._loop import on_loop_thread
 from ._protocol import Codec, MsgType
-from ._spec import ChannelState
+from ._spec import ChannelState, MethodSpec
 from ._subs import keep
 
 log = logging.getLogger("connshare.host")
@@ -206,10 +206,16 @@ class ChannelHost:
 
     def resolve(self, method: str) -> tuple[Callable[..., Any], bool]:
         """The real bound method and whether it is a coroutine function."""
+        fn, spec = self.resolve_spec(method)
+        return fn, spec.is_coro
+
+    def resolve_spec(self, method: str) -> tuple[Callable[..., Any], MethodSpec]:
+        """The real bound method and its delegate spec; MethodNotAllowedError if it
+        is not delegated as a call."""
         spec = self.state.spec.get(method)
         if spec is None or spec.to not in ("invoke", "invoke_oneway"):
             raise MethodNotAllowedError(f"{method!r} is not a delegated method of channel {self.state.name!r}")
-        return getattr(self.real, method), spec.is_coro
+        return getattr(self.real, method), spec
 
     async def close(self) -> None:
         real, self.real = self.real, None

@@ -149,11 +149,14 @@ class PeerProtocol:
                 return
             del self._wbuf[:n]
             if not self._wbuf:
+                self._writer_armed = False
                 self.loop.remove_writer(self.fd)
                 if self._closing_after_flush:
                     self.loop.call_soon(self._lost, None)
 
     _closing_after_flush = False
+    _corked = False
+    _writer_armed = False
 
     def _lost(self, reason: str | None) -> None:
         """The connection is over (on the loop): release everything it held."""
@@ -188,8 +191,8 @@ class PeerProtocol:
         try:
             bodies = self.decoder.feed(data)
             for body in bodies:
-                if self.closed:
-                    return
+                if self.closed or self._closing_after_flush:
+                    return  # being closed: nothing more it sends is read
                 wire = self.codec.unpack(body)
                 if self.open:
                     self._dispatch(wire)
@@ -205,31 +208,57 @@ class PeerProtocol:
 
     def write(self, frame: bytes) -> None:
         over = False
+        on_loop = self.node.on_loop()
         with self._wlock:
             if self.closed or self.fd < 0:
                 return
-            if not self._wbuf:
+            if self._wbuf or self._corked:
+                # Behind a backlog, or a write this loop turn already went out:
+                # queue it, to leave in one send() with the others (_uncork).
+                # Judge the backlog before this frame: one frame larger than the
+                # limit, to a follower that keeps up, is no reason to drop it.
+                over = len(self._wbuf) > self.options.max_buffered_bytes
+                if not over:
+                    self._wbuf += frame
+            else:
                 try:
                     n = self.sock.send(frame)
                 except (BlockingIOError, InterruptedError):
                     n = 0
                 except OSError:
                     return  # the reader sees the broken socket and cleans up
-                if n == len(frame):
-                    return
-                self._wbuf += memoryview(frame)[n:]
-                self._arm_writer()
-            else:
-                # Judge the backlog before this frame: one frame larger than the
-                # limit, to a follower that keeps up, is no reason to drop it. The
-                # queue stays under max_buffered_bytes + one frame.
-                over = len(self._wbuf) > self.options.max_buffered_bytes
-                if not over:
-                    self._wbuf += frame
+                if n < len(frame):
+                    self._wbuf += memoryview(frame)[n:]
+                    self._arm_writer()
+                elif on_loop:
+                    # The first answer of a loop turn goes at once (no latency
+                    # cost); the rest of this turn's answers are batched.
+                    self._corked = True
+                    self.loop.call_soon(self._uncork)
         if over:
             self.drop(f"follower is not reading: over max_buffered_bytes={self.options.max_buffered_bytes} queued")
 
+    def _uncork(self) -> None:
+        """Send what this loop turn queued, in one send() (on the loop)."""
+        with self._wlock:
+            self._corked = False
+            if self.closed or self.fd < 0 or not self._wbuf or self._writer_armed:
+                return
+            try:
+                n = self.sock.send(self._wbuf)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                return
+            del self._wbuf[:n]
+            if self._wbuf:
+                self._arm_writer()
+
     def _arm_writer(self) -> None:
+        """Have the loop flush the backlog when the socket can take it (under _wlock)."""
+        if self._writer_armed:
+            return
+        self._writer_armed = True
         if self.node.on_loop():
             self.loop.add_writer(self.fd, self._on_writable)
         else:
@@ -255,9 +284,12 @@ class PeerProtocol:
 
     def close_after_flush(self) -> None:
         """Close once queued bytes are out (on the loop)."""
-        if self._wbuf:
-            self._closing_after_flush = True
-        else:
+        with self._wlock:
+            queued = bool(self._wbuf)
+            if queued:
+                self._closing_after_flush = True
+                self._arm_writer()  # its flush closes; corked bytes have no writer yet
+        if not queued:
             self._lost(None)
 
     def _refuse(self, exc: Exception, code: int) -> None:
@@ -394,13 +426,15 @@ class PeerProtocol:
         if oneway:
             rid = 0
         try:
-            fn, is_coro = self._host(channel).resolve(method)
+            fn, spec = self._host(channel).resolve_spec(method)
             self._admit()
         except Exception as exc:
             self._error(rid, exc)
             return
         self.node.call_started()
-        if is_coro:
+        if spec.inline and not spec.is_coro:
+            self._run_blocking(rid, fn, args, kwargs)  # delegated inline: never blocks
+        elif spec.is_coro:
             try:
                 coro = fn(*args, **kwargs)
             except Exception as exc:

@@ -29,13 +29,15 @@ class MethodSpec:
     to: str
     is_coro: bool
     idempotent: bool = False
+    #: a blocking method that never blocks: the leader runs it on its loop
+    inline: bool = False
 
 
-def method_spec(cls: type, name: str, to: str, idempotent: bool = False) -> MethodSpec:
+def method_spec(cls: type, name: str, to: str, idempotent: bool = False, inline: bool = False) -> MethodSpec:
     fn = inspect.getattr_static(cls, name, None)
     if isinstance(fn, (staticmethod, classmethod)):
         fn = fn.__func__
-    return MethodSpec(name, to, inspect.iscoroutinefunction(fn), idempotent)
+    return MethodSpec(name, to, inspect.iscoroutinefunction(fn), idempotent, inline)
 
 
 @attrs.define(eq=False)

@@ -89,6 +89,12 @@ class KVClient(Base):
     def whoami(self) -> int:
         return os.getpid()
 
+    def thread_name(self) -> str:
+        return threading.current_thread().name
+
+    def thread_name_inline(self) -> str:
+        return threading.current_thread().name
+
     def boom(self, kind: str) -> None:
         if kind == "key":
             raise KeyError("missing", 42)

@@ -324,3 +324,14 @@ def test_remote_error_type_for_unknown_classes() -> None:
     assert isinstance(exception_from(Error(1, ErrorCode.TIMEOUT, "x:y", "slow", [], "")), CallTimeoutError)
     assert isinstance(exception_from(Error(1, ErrorCode.NO_CHANNEL, "x:y", "none", [], "")), ChannelNotFoundError)
     assert issubclass(ConcurrencyError, RuntimeError)
+
+
+def test_blocking_methods_run_on_workers_unless_delegated_inline(port, upstream, spawn) -> None:
+    delegates = ["thread_name", ["thread_name_inline", "invoke", {"inline": True}]]
+    leader, follower = spawn([kv_spec(port, upstream.port, delegates=delegates)], [kv_spec(port, upstream.port, delegates=delegates)])
+    leader.ready()
+    follower.ready()
+    if follower.role()["is_leader"]:
+        leader, follower = follower, leader
+    assert follower.call("thread_name").startswith("connshare-worker")
+    assert follower.call("thread_name_inline") == "connshare-loop"
