@@ -1,4 +1,4 @@
-"""Winning the port, or finding the leader that holds it.
+"""Winning the port, or finding the leader that holds it and proving we may follow it.
 
 The leader is whoever binds and listens on 127.0.0.1:port. SO_REUSEADDR lets a new
 leader bind while the old one's connections sit in TIME_WAIT; on Linux and macOS it
@@ -8,10 +8,33 @@ never set).
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import socket
 
+from ._errors import AuthenticationError, LimitExceededError, PortInUseError, ProtocolError, ProtocolVersionError
+from ._options import Options
+from ._protocol import (
+    MAX_HANDSHAKE_FRAME,
+    Challenge,
+    Codec,
+    Error,
+    FollowerHandshake,
+    FrameDecoder,
+    HandshakeState,
+    Welcome,
+    to_message,
+)
+
 HOST = "127.0.0.1"
+log = logging.getLogger("connshare.election")
+
+
+class Retry(Exception):
+    """The election should go round again: nobody listens, or a leader is coming or
+    going. ``Retry("hung up")``: the peer hung up, which a program that is no
+    leader does again and again."""
 
 
 def try_bind(port: int) -> socket.socket | None:
@@ -47,3 +70,83 @@ def port_owner(port: int) -> tuple[str | None, str | None]:
     except (psutil.Error, OSError):
         pass
     return None, None
+
+
+Followed = tuple[socket.socket, FrameDecoder, "int | None", list[bytes]]
+
+
+async def connect_to_leader(loop: asyncio.AbstractEventLoop, port: int, opts: Options, codec: Codec, secret: bytes) -> Followed:
+    """Connect to the port and pass the handshake: the socket, its decoder, the
+    leader's pid, and frames that came with WELCOME. Raises :class:`Retry` when the
+    election should go round again; PortInUseError, or an authentication, version
+    or limit error, when following there cannot work."""
+    try:
+        return await _connect(loop, port, opts, codec, secret)
+    except PortInUseError:
+        raise
+    except OSError as exc:  # reset, not connected: a leader coming or going
+        log.debug("connecting to port %s: %r", port, exc)
+        raise Retry("hung up") from None
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, codec: Codec, secret: bytes) -> Followed:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    keep = False
+    try:
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), opts.connect_timeout)
+        except (ConnectionRefusedError, asyncio.TimeoutError):
+            raise Retry() from None  # nobody listens: the next round may bind
+        except ConnectionResetError:
+            raise Retry("hung up") from None
+        if sock.getsockname() == sock.getpeername():
+            raise Retry()  # TCP connected to itself: nobody listens there
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        hs = FollowerHandshake(secret)
+        decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)  # a fake leader must not make us buffer much
+        await loop.sock_sendall(sock, codec.encode(hs.start()))
+        end = loop.time() + opts.connect_timeout
+        got_bytes = False
+        early: list[bytes] = []
+        while hs.state is not HandshakeState.OPEN:
+            left = end - loop.time()
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                data = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
+            except asyncio.TimeoutError:
+                owner, status = port_owner(port)
+                if status in ("stopped", "tracing-stop", "zombie"):
+                    raise Retry() from None  # a hung leader: wait for it to die
+                raise PortInUseError(port, f"no connshare handshake within connect_timeout={opts.connect_timeout} s", owner) from None
+            except (ConnectionResetError, BrokenPipeError):
+                raise Retry("hung up") from None
+            if not data:
+                if got_bytes:
+                    owner, _ = port_owner(port)
+                    raise PortInUseError(port, "the peer closed the connection during the handshake", owner)
+                raise Retry("hung up")  # a leader going away, or not a leader
+            got_bytes = True
+            try:
+                bodies = decoder.feed(data)
+                for i, body in enumerate(bodies):
+                    msg = to_message(codec.unpack(body))
+                    if not isinstance(msg, (Challenge, Welcome, Error)):
+                        raise ProtocolError(f"a {type(msg).__name__} during the handshake")
+                    for reply in hs.receive(msg):
+                        await loop.sock_sendall(sock, codec.encode(reply))
+                    if hs.state is HandshakeState.OPEN:
+                        early = bodies[i + 1 :]
+                        break
+            except (AuthenticationError, ProtocolVersionError, LimitExceededError):
+                raise
+            except ProtocolError as exc:
+                owner, _ = port_owner(port)
+                raise PortInUseError(port, f"it does not speak connshare ({exc})", owner) from None
+        decoder.max_frame_size = opts.max_frame_size
+        keep = True
+        return sock, decoder, hs.peer_pid, early
+    finally:
+        if not keep:
+            sock.close()

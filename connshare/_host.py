@@ -8,7 +8,6 @@ client calls, which may fire on any thread and hop onto the loop.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
 import logging
 from collections.abc import Callable
@@ -61,13 +60,10 @@ class KeyState:
 class ChannelHost:
     """Owns the real client of one channel in the leader process."""
 
-    def __init__(
-        self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, executor: concurrent.futures.Executor, key_ids: Any
-    ) -> None:
+    def __init__(self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, key_ids: Any) -> None:
         self.state = state
         self.loop = loop
         self.codec = codec
-        self.executor = executor
         self._key_ids = key_ids
         self.real: Any = None
         self.ready: asyncio.Future[None] = loop.create_future()

@@ -21,21 +21,18 @@ import time
 import weakref
 from typing import Any
 
-from ._election import HOST, port_owner, try_bind
+from ._election import Retry, connect_to_leader, port_owner, try_bind
 from ._errors import (
-    AuthenticationError,
     CallTimeoutError,
     ChannelNotFoundError,
     ClientClosedError,
     ElectionError,
     LeaderLostError,
     LeaderNotFoundError,
-    LimitExceededError,
     NotReadyError,
     NotSentError,
     PortInUseError,
     ProtocolError,
-    ProtocolVersionError,
 )
 from ._follower import FollowerConnection
 from ._host import ChannelHost
@@ -43,18 +40,11 @@ from ._leader import PeerProtocol
 from ._loop import forbid_loop_thread, get_loop, on_loop_thread
 from ._options import Options
 from ._protocol import (
-    MAX_HANDSHAKE_FRAME,
     ONEWAY,
-    Challenge,
     Codec,
     Error,
     ErrorCode,
-    FollowerHandshake,
-    FrameDecoder,
-    HandshakeState,
     MsgType,
-    Welcome,
-    to_message,
 )
 from ._remote import exception_from
 from ._secret import load_or_create_secret
@@ -75,10 +65,6 @@ class Role(enum.Enum):
 
 #: How often a request that never reached a leader is sent again.
 MAX_RESENDS = 3
-
-
-class _Retry(Exception):
-    """The election should go round again (nobody listening, leader going away)."""
 
 
 def _expire(fut: asyncio.Future, conn: FollowerConnection, rid: int, timeout: float) -> None:
@@ -118,7 +104,6 @@ class Node:
         self.clients: weakref.WeakSet = weakref.WeakSet()
         self._key_ids = itertools.count(1)
         self._host_ids = itertools.count(1)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._hosts_changed: asyncio.Event | None = None
         self._conn_done: asyncio.Future | None = None
         self._drained: asyncio.Event | None = None
@@ -133,12 +118,6 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    @property
-    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(self.options.worker_threads, thread_name_prefix="connshare-worker")
-        return self._executor
 
     # -- channels ------------------------------------------------------------------------
 
@@ -252,7 +231,7 @@ class Node:
             if opts.is_leader is not True:
                 try:
                     return await self._connect()
-                except _Retry as r:
+                except Retry as r:
                     # A leader going away hangs up for a moment; a program that
                     # keeps accepting and hanging up is not a leader at all.
                     if r.args and r.args[0] == "hung up":
@@ -275,79 +254,8 @@ class Node:
             delay = min(delay * 2, 0.05)
 
     async def _connect(self) -> tuple[FollowerConnection, list[bytes]]:
-        try:
-            return await self._try_connect()
-        except PortInUseError:
-            raise
-        except OSError as exc:  # reset, not connected: a leader coming or going
-            log.debug("connecting to port %s: %r", self.port, exc)
-            raise _Retry("hung up") from None
-
-    async def _try_connect(self) -> tuple[FollowerConnection, list[bytes]]:
-        loop = self.loop
-        opts = self.options
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        keep = False
-        try:
-            try:
-                await asyncio.wait_for(loop.sock_connect(sock, (HOST, self.port)), opts.connect_timeout)
-            except (ConnectionRefusedError, asyncio.TimeoutError):
-                raise _Retry() from None  # nobody listens: the next round may bind
-            except ConnectionResetError:
-                raise _Retry("hung up") from None
-            if sock.getsockname() == sock.getpeername():
-                raise _Retry()  # TCP connected to itself: nobody listens there
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            hs = FollowerHandshake(self.secret)
-            decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)  # a fake leader must not make us buffer much
-            await loop.sock_sendall(sock, self.codec.encode(hs.start()))
-            end = loop.time() + opts.connect_timeout
-            got_bytes = False
-            while hs.state is not HandshakeState.OPEN:
-                left = end - loop.time()
-                try:
-                    if left <= 0:
-                        raise asyncio.TimeoutError
-                    data = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
-                except asyncio.TimeoutError:
-                    owner, status = port_owner(self.port)
-                    if status in ("stopped", "tracing-stop", "zombie"):
-                        raise _Retry() from None  # a hung leader: wait for it to die
-                    raise PortInUseError(
-                        self.port, f"no connshare handshake within connect_timeout={opts.connect_timeout} s", owner
-                    ) from None
-                except (ConnectionResetError, BrokenPipeError):
-                    raise _Retry("hung up") from None
-                if not data:
-                    if got_bytes:
-                        owner, _ = port_owner(self.port)
-                        raise PortInUseError(self.port, "the peer closed the connection during the handshake", owner)
-                    raise _Retry("hung up")  # a leader going away, or not a leader
-                got_bytes = True
-                try:
-                    bodies = decoder.feed(data)
-                    for i, body in enumerate(bodies):
-                        msg = to_message(self.codec.unpack(body))
-                        if not isinstance(msg, (Challenge, Welcome, Error)):
-                            raise ProtocolError(f"a {type(msg).__name__} during the handshake")
-                        for reply in hs.receive(msg):
-                            await loop.sock_sendall(sock, self.codec.encode(reply))
-                        if hs.state is HandshakeState.OPEN:
-                            early = bodies[i + 1 :]
-                            break
-                except (AuthenticationError, ProtocolVersionError, LimitExceededError):
-                    raise
-                except ProtocolError as exc:
-                    owner, _ = port_owner(self.port)
-                    raise PortInUseError(self.port, f"it does not speak connshare ({exc})", owner) from None
-            decoder.max_frame_size = opts.max_frame_size
-            conn = FollowerConnection(sock, self.codec, decoder, hs.peer_pid, self._on_conn_lost, self._on_conn_frame)
-            keep = True
-            return conn, early
-        finally:
-            if not keep:
-                sock.close()
+        sock, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
+        return FollowerConnection(sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame), early
 
     # -- leading ---------------------------------------------------------------------------
 
@@ -409,7 +317,7 @@ class Node:
     def _start_host(self, state: ChannelState) -> None:
         if state.name in self.hosts:
             return
-        host = ChannelHost(state, self.loop, self.codec, self.executor, self._key_ids)
+        host = ChannelHost(state, self.loop, self.codec, self._key_ids)
         host.id = next(self._host_ids)  # type: ignore[attr-defined]
         self.hosts[state.name] = host
         if self._hosts_changed is not None:
@@ -719,7 +627,8 @@ class Node:
         left = max(deadline - time.monotonic(), 0.0)
         try:
             if not is_coro:
-                return await asyncio.wait_for(loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs)), left)
+                # a blocking method awaited in the leader: the caller loop's executor
+                return await asyncio.wait_for(loop.run_in_executor(None, functools.partial(fn, *args, **kwargs)), left)
             if loop is self.loop:
                 return await asyncio.wait_for(fn(*args, **kwargs), left)
             cf = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop)
@@ -748,7 +657,7 @@ class Node:
                 if is_coro:
                     await fn(*args, **kwargs)
                 else:
-                    await self.loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+                    await self.loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
             else:
                 conn, wire_id = route
                 conn.send_oneway([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, ONEWAY, None])
@@ -882,8 +791,6 @@ class Node:
             await host.close()
         if self._main is not None and self._main is not asyncio.current_task():
             self._main.cancel()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
         if self._workers is not None:
             self._workers.shutdown()
 
