@@ -505,41 +505,43 @@ class Node:
 
     # -- calls (any thread) -------------------------------------------------------------
 
+    def _route_or_wait(self, state: ChannelState, stale: Any, until: float) -> tuple[Any, float]:
+        """The channel's route if it has a usable one, else (None, how long to wait
+        for one). Raises why there will be none: the channel failed, the client is
+        closed, or the time is up."""
+        route = state.route
+        if route is not None and route is not stale:
+            return route, 0.0
+        if state.fatal is not None:
+            raise state.fatal
+        if self.closing and self.role is Role.CLOSED:
+            raise ClientClosedError("the client is closed")
+        left = until - time.monotonic()
+        if left <= 0:
+            raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
+        # While the stale route is still current, poll: it changes without a new Avail.
+        return None, min(left, 0.05) if stale is not None else left
+
     def _route_sync(self, state: ChannelState, stale: Any, until: float) -> Any:
         while True:
-            route = state.route
-            if route is not None and route is not stale:
+            avail = state.avail  # before the check: a route set after it completes this one
+            route, wait = self._route_or_wait(state, stale, until)
+            if route is not None:
                 return route
-            if state.fatal is not None:
-                raise state.fatal
-            if self.closing and self.role is Role.CLOSED:
-                raise ClientClosedError("the client is closed")
-            left = until - time.monotonic()
-            if left <= 0:
-                raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
             forbid_loop_thread("waiting for a connshare leader")
-            avail = state.avail
-            if state.route is None or state.route is stale:
-                try:
-                    avail.result(min(left, 0.05) if stale is not None else left)
-                except concurrent.futures.TimeoutError:
-                    pass
+            try:
+                avail.result(wait)
+            except concurrent.futures.TimeoutError:
+                pass
 
     async def _route_async(self, state: ChannelState, stale: Any, until: float) -> Any:
         while True:
-            route = state.route
-            if route is not None and route is not stale:
-                return route
-            if state.fatal is not None:
-                raise state.fatal
-            if self.closing and self.role is Role.CLOSED:
-                raise ClientClosedError("the client is closed")
-            left = until - time.monotonic()
-            if left <= 0:
-                raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
             avail = state.avail
+            route, wait = self._route_or_wait(state, stale, until)
+            if route is not None:
+                return route
             try:
-                await asyncio.wait_for(asyncio.wrap_future(avail), min(left, 0.05) if stale is not None else left)
+                await asyncio.wait_for(asyncio.wrap_future(avail), wait)
             except asyncio.TimeoutError:
                 pass
 
