@@ -420,7 +420,12 @@ class FollowerHandshake:
                 raise self._fail(ProtocolVersionError(f"leader speaks protocol {msg.version}, we speak {PROTOCOL_VERSION}"))
             expected = _proof(self.secret, b"L", self.nonce, msg.nonce)
             if len(msg.nonce) != NONCE_SIZE or not hmac.compare_digest(expected, msg.proof):
-                raise self._fail(AuthenticationError(f"the leader (pid {msg.pid}) does not know the shared secret"))
+                raise self._fail(
+                    AuthenticationError(
+                        f"the leader (pid {msg.pid}) does not know our shared secret: it is another app, or this "
+                        "process has another secret (set the same secret= everywhere, or run as the same user)"
+                    )
+                )
             self.peer_pid = msg.pid
             self.state = HandshakeState.SENT_CHALLENGE
             return [Auth(_proof(self.secret, b"F", msg.nonce, self.nonce))]
