@@ -440,11 +440,9 @@ class PeerProtocol:
             except Exception as exc:
                 self._finish(rid, None, exc)
                 return
-            task = _start_task(coro, self.loop)
-            if task.done():  # it finished in its first step: answer now
-                self._task_done(rid, task)
-            else:
-                task.add_done_callback(lambda t: self._task_done(rid, t))
+            # The task answers as its last step: a done callback would wait for
+            # one more loop turn.
+            _start_task(self._answer(rid, coro), self.loop)
         else:
             self.node.workers.submit(self._run_blocking, rid, fn, args, kwargs)
 
@@ -457,12 +455,17 @@ class PeerProtocol:
         else:
             self._finish(rid, value, None)
 
-    def _task_done(self, rid: int, task: asyncio.Task) -> None:
-        if task.cancelled():
-            self._finish(rid, None, TimeoutError("the call was cancelled on the leader after its timeout"))
+    async def _answer(self, rid: int, coro: Any) -> None:
+        """Run a coroutine method and write its answer (a task on the loop)."""
+        try:
+            value = await coro
+        except asyncio.CancelledError:
+            self._finish(rid, None, RuntimeError("the call was cancelled on the leader"))
+            raise
+        except BaseException as exc:
+            self._finish(rid, None, exc)
         else:
-            exc = task.exception()
-            self._finish(rid, None if exc else task.result(), exc)
+            self._finish(rid, value, None)
 
     def _finish(self, rid: int, value: Any, exc: BaseException | None) -> None:
         """Answer request ``rid`` (from the loop or a worker thread)."""
