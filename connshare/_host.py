@@ -60,8 +60,10 @@ class KeyState:
 class ChannelHost:
     """Owns the real client of one channel in the leader process."""
 
-    def __init__(self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, key_ids: Any) -> None:
+    def __init__(self, state: ChannelState, loop: asyncio.AbstractEventLoop, codec: Codec, key_ids: Any, host_id: int) -> None:
         self.state = state
+        #: the channel's id on the wire, for every follower of this leader
+        self.id = host_id
         self.loop = loop
         self.codec = codec
         self._key_ids = key_ids

@@ -317,8 +317,7 @@ class Node:
     def _start_host(self, state: ChannelState) -> None:
         if state.name in self.hosts:
             return
-        host = ChannelHost(state, self.loop, self.codec, self._key_ids)
-        host.id = next(self._host_ids)  # type: ignore[attr-defined]
+        host = ChannelHost(state, self.loop, self.codec, self._key_ids, next(self._host_ids))
         self.hosts[state.name] = host
         if self._hosts_changed is not None:
             self._hosts_changed.set()
