@@ -46,11 +46,16 @@ class Pending:
     the caller's loop. ``hook`` runs on the reader thread with the result, before
     any later frame is read (a SUBSCRIBE result must map its key id first)."""
 
-    __slots__ = ("fut", "hook", "lock", "loop", "ok", "value")
+    __slots__ = ("fut", "hook", "internal", "lock", "loop", "ok", "value")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, hook: Callable[[Any], None] | None = None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop | None = None, hook: Callable[[Any], None] | None = None, internal: bool = False
+    ) -> None:
         self.loop = loop
         self.hook = hook
+        #: connshare's own request (REGISTER, SUBSCRIBE): a pause of the leader
+        #: does not fail it, only the end of the connection does
+        self.internal = internal
         self.ok = False
         self.value: Any = None
         if loop is None:
@@ -200,14 +205,18 @@ class FollowerConnection:
         return p.outcome()
 
     def request_async(
-        self, wire_without_rid: list, loop: asyncio.AbstractEventLoop, hook: Callable[[Any], None] | None = None
+        self,
+        wire_without_rid: list,
+        loop: asyncio.AbstractEventLoop,
+        hook: Callable[[Any], None] | None = None,
+        internal: bool = False,
     ) -> tuple[int, asyncio.Future]:
         """Send a request from a coroutine; returns its id and a future on ``loop``."""
         self.check_usable()
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
-        p = Pending(loop, hook)
+        p = Pending(loop, hook, internal)
         self.pending[rid] = p
         try:
             self.send(frame, 1.0)
@@ -293,16 +302,23 @@ class FollowerConnection:
 
     # -- ending --------------------------------------------------------------------------
 
-    def fail_pending(self, exc_factory: Callable[[], BaseException]) -> None:
-        pending, self.pending = self.pending, {}
-        for p in pending.values():
+    def fail_pending(self, exc_factory: Callable[[], BaseException], internal_too: bool = True) -> None:
+        if internal_too:
+            failed, self.pending = self.pending, {}
+        else:
+            failed = {rid: p for rid, p in list(self.pending.items()) if not p.internal}
+            for rid in failed:
+                self.pending.pop(rid, None)
+        for p in failed.values():
             p.settle(False, exc_factory())
 
     def mark_unresponsive(self) -> None:
         if not self.unresponsive:
             self.unresponsive = True
             log.warning("the leader (pid %s) stopped answering heartbeats", self.peer_pid)
-            self.fail_pending(lambda: LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer"))
+            # The app's calls fail fast; connshare's own REGISTER/SUBSCRIBE wait for
+            # the leader to wake or the connection to end (then they are redone).
+            self.fail_pending(lambda: LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer"), internal_too=False)
 
     def abort(self, exc: BaseException) -> None:
         """Break the connection now; the reader thread reports the loss."""

@@ -29,6 +29,7 @@ from ._errors import (
     ElectionError,
     LeaderLostError,
     LeaderNotFoundError,
+    LeaderUnresponsiveError,
     NotReadyError,
     NotSentError,
     PortInUseError,
@@ -65,6 +66,10 @@ class Role(enum.Enum):
 
 #: How often a request that never reached a leader is sent again.
 MAX_RESENDS = 3
+
+#: Failures of the connection, not answers of the leader: a subscription that met
+#: one is kept, and sent again to the next connection or leader.
+_CONNECTION_TROUBLE = (LeaderLostError, LeaderUnresponsiveError, CallTimeoutError, ClientClosedError, ProtocolError)
 
 
 def _expire(fut: asyncio.Future, conn: FollowerConnection, rid: int, timeout: float) -> None:
@@ -402,7 +407,7 @@ class Node:
     async def _register(self, conn: FollowerConnection, state: ChannelState) -> None:
         rid = 0
         try:
-            rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name], self.loop)
+            rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name], self.loop, internal=True)
             try:
                 # Our own max_wait_time bounds this, whatever the leader's is.
                 wire_id = await asyncio.wait_for(fut, state.options.max_wait_time)
@@ -417,8 +422,8 @@ class Node:
             if conn is self.conn:
                 self._channel_failed(state, exc)
             return
-        except (LeaderLostError, ProtocolError) as exc:
-            log.debug("registering %r failed: %r", state.name, exc)
+        except _CONNECTION_TROUBLE as exc:
+            log.debug("registering %r failed: %r", state.name, exc)  # redone on the next connection
             return
         if conn is not self.conn:
             return
@@ -438,19 +443,20 @@ class Node:
             conn.keys[key_id] = sub
             sub.key_id = key_id
 
-        _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped)
+        _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped, internal=True)
         fut.add_done_callback(functools.partial(self._subscribed, state, sub))
 
     @staticmethod
     def _subscribed(state: ChannelState, sub: LocalSub, fut: asyncio.Future) -> None:
-        exc = fut.exception()
-        if exc is not None and not isinstance(exc, LeaderLostError):
-            # Refused (a limit, not delegated, the real client raised): forget it,
-            # so that subscribing again really asks again.
-            with state.lock:
-                if state.subs.get((sub.method, sub.canon)) is sub:
-                    del state.subs[(sub.method, sub.canon)]
-            state.emit_error(exc)
+        exc = fut.cancelled() or fut.exception()
+        if exc is True or exc is None or isinstance(exc, _CONNECTION_TROUBLE):
+            return  # kept: subscribed again on the next connection or leader
+        # The leader refused it (a limit, not delegated, the real client raised):
+        # forget it, so that subscribing again really asks again.
+        with state.lock:
+            if state.subs.get((sub.method, sub.canon)) is sub:
+                del state.subs[(sub.method, sub.canon)]
+        state.emit_error(exc)
 
     async def _heartbeat(self, conn: FollowerConnection) -> None:
         interval = self.options.heartbeat_interval

@@ -306,3 +306,23 @@ def test_api_client_readiness_after_fork(port, upstream) -> None:
             p.kill()
     assert role == "follower" and leader_pid == os.getpid() == who
     api.close()
+
+
+def test_a_subscription_made_while_the_leader_is_paused_works_once_it_resumes(port, upstream, spawn) -> None:
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(2)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    follower = next(w for w in ws if w is not leader)
+    leader.kill(signal.SIGSTOP)
+    try:
+        follower.subscribe({"key": "p"}, "p")  # sent to a paused leader
+        # the app's calls fail fast while it is paused...
+        wait_until(lambda: _raises(follower, "LeaderUnresponsiveError"), timeout=10, what="the pause to be noticed")
+    finally:
+        leader.kill(signal.SIGCONT)
+    # ...but connshare's own subscription was not given up: once the leader
+    # resumes it is answered, and values flow
+    wait_until(lambda: _ok(follower), timeout=10, what="the leader to answer again")
+    upstream.set("p", "resumed")
+    follower.wait_event("p", lambda v: v["value"] == "resumed")
