@@ -150,9 +150,12 @@ def worker(index: int, upstream_port: int, connshare_port: int, out: Any, done: 
 def main() -> None:
     registry = Registry()
     threading.Thread(target=registry.serve_forever, daemon=True).start()
-    with socket.socket() as s:  # a free port for connshare's leader election
-        s.bind(("127.0.0.1", 0))
-        connshare_port = s.getsockname()[1]
+    if os.environ.get("CONNSHARE_PORT"):  # connshare's own override, if set
+        connshare_port = int(os.environ["CONNSHARE_PORT"])
+    else:
+        with socket.socket() as s:  # else a free port for the leader election
+            s.bind(("127.0.0.1", 0))
+            connshare_port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
     out, done = ctx.Queue(), ctx.Event()
     procs = [ctx.Process(target=worker, args=(i, registry.server_address[1], connshare_port, out, done)) for i in range(4)]

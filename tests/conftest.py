@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import random
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -9,12 +11,33 @@ import pytest
 from tests.harness import Worker
 from tests.upstream import UpstreamServer
 
+_PORTS_PER_WORKER = 600
+_handed_out: set[int] = set()
+
 
 def pick_port() -> int:
-    """A port that is free now; every test takes its own."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port that is free now, and that no other test of this run is handed.
+
+    Ports from bind(0) are free only until released, and under ``-n auto`` two
+    workers can be handed the same one a moment apart: then two tests share a
+    leader. Each xdist worker takes ports from its own block below Linux's
+    ephemeral range (32768+), so no outgoing connection takes one either.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    base = 20000 + (index % 20) * _PORTS_PER_WORKER
+    for _ in range(1000):
+        port = base + random.randrange(_PORTS_PER_WORKER)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))  # no SO_REUSEADDR: also skips TIME_WAIT leftovers
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {base}..{base + _PORTS_PER_WORKER}")
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ REDIS_SERVER = shutil.which("redis-server")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from tests.conftest import pick_port  # one allocator for every test of a run
+
+    return pick_port()
 
 
 def deadline_loop(timeout: float, what: str, interval: float = 0.02) -> Any:

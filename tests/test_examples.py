@@ -1,12 +1,18 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import pick_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quickstart_runs_and_shows_one_upstream_connection() -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    env = {**os.environ, "CONNSHARE_PORT": str(pick_port())}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart.py")], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("LEADER") == 1
     assert "the upstream saw 1 connection(s) from 4 workers" in out.stdout
