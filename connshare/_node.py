@@ -72,6 +72,28 @@ MAX_RESENDS = 3
 _CONNECTION_TROUBLE = (LeaderLostError, LeaderUnresponsiveError, CallTimeoutError, ClientClosedError, ProtocolError)
 
 
+class _Attempts:
+    """Whether a call whose connection failed may go to the next leader."""
+
+    __slots__ = ("idempotent", "resends", "retried")
+
+    def __init__(self, idempotent: bool) -> None:
+        self.idempotent = idempotent
+        self.resends = 0
+        self.retried = False
+
+    def again(self, exc: LeaderLostError) -> bool:
+        if isinstance(exc, NotSentError):
+            # It never reached the leader: always safe to send again, a few times
+            # (a frame the leader keeps refusing must not loop forever).
+            self.resends += 1
+            return self.resends <= MAX_RESENDS
+        if self.idempotent and not self.retried:  # in flight: once, if the app allows
+            self.retried = True
+            return True
+        return False
+
+
 def _expire(fut: asyncio.Future, conn: FollowerConnection, rid: int, timeout: float) -> None:
     if not fut.done():
         conn.forget(rid)
@@ -556,8 +578,7 @@ class Node:
         wait_until = min(deadline, start + self.options.max_wait_time)
         route = state.route
         stale = None
-        retried = False
-        resends = 0
+        attempts: _Attempts | None = None
         while True:
             if route is None or route is stale:
                 route = self._route_sync(state, stale, wait_until)
@@ -567,17 +588,10 @@ class Node:
             try:
                 left = timeout if stale is None else max(deadline - time.monotonic(), 0.0)
                 return conn.request_sync([MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], left)
-            except NotSentError:
-                # It never reached the leader: always safe to send again, a few
-                # times (a frame the leader keeps refusing must not loop forever).
-                resends += 1
-                if resends > MAX_RESENDS:
+            except LeaderLostError as exc:
+                attempts = attempts or _Attempts(spec.idempotent)
+                if not attempts.again(exc):
                     raise
-                stale = route
-            except LeaderLostError:
-                if not spec.idempotent or retried:
-                    raise
-                retried = True
                 stale = route
 
     def _local_sync(self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float) -> Any:
@@ -599,8 +613,7 @@ class Node:
         loop = asyncio.get_running_loop()
         route = state.route
         stale = None
-        retried = False
-        resends = 0
+        attempts: _Attempts | None = None
         while True:
             if route is None or route is stale:
                 route = await self._route_async(state, stale, wait_until)
@@ -616,15 +629,10 @@ class Node:
                     handle.cancel()
                     if not fut.done():
                         conn.forget(rid)
-            except NotSentError:
-                resends += 1
-                if resends > MAX_RESENDS:
+            except LeaderLostError as exc:
+                attempts = attempts or _Attempts(spec.idempotent)
+                if not attempts.again(exc):
                     raise
-                stale = route
-            except LeaderLostError:
-                if not spec.idempotent or retried:
-                    raise
-                retried = True
                 stale = route
 
     async def _local_async(
