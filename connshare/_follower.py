@@ -1,10 +1,17 @@
 """A follower's connection to the leader.
 
-Callers write their frame to the socket themselves, under a lock, and wait on a
-private lock; one reader thread reads every frame and completes the waiters. That
-saves the hop through an event loop thread that would double the latency of a
-blocking call. Awaitable calls take the same path and are completed on the caller's
-own loop with ``call_soon_threadsafe``.
+Callers write their frame to the socket themselves, under a lock. Whoever holds the
+read token reads the socket and completes every waiter it finds answered:
+
+* a blocking caller that finds the token free takes it and reads its own answer
+  (the background reader is disarmed meanwhile), so the answer wakes the caller
+  directly instead of a reader thread that would then wake the caller: one thread
+  wake-up less per call;
+* otherwise the background reader thread reads, and completes blocking callers
+  through a private lock, awaitable ones on their own loop with
+  ``call_soon_threadsafe`` (one wake-up per loop per read).
+
+Without ``select.epoll`` (not Linux) the background reader always reads.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import itertools
 import logging
 import select
 import socket
+import struct
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +48,11 @@ log = logging.getLogger("connshare.follower")
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _PEEK = socket.MSG_PEEK | _DONTWAIT
+_EPOLL = getattr(select, "epoll", None)
+_EPOLLIN = getattr(select, "EPOLLIN", 0)
+#: a caller reading its own answer wakes this often to check its deadline and the
+#: connection (SO_RCVTIMEO: the blocking recv itself times out, no extra syscall)
+_READ_SLICE_US = 50_000
 
 
 class Pending:
@@ -127,11 +141,23 @@ class FollowerConnection:
         self.unresponsive = False
         self.draining = False  # the leader said GOODBYE: finish what was sent
         self.lost: BaseException | None = None
+        self._finished = False
+        #: held by the one thread reading the socket (a caller or the background)
+        self._rtoken = threading.Lock()
+        self._backlog: deque[bytes] = deque()  # frames read, not yet handled
+        self._buf = bytearray(256 * 1024)
+        self._view = memoryview(self._buf)
+        self._fd = sock.fileno()
+        self._ep: Any = None
+        if _EPOLL is not None:
+            self._ep = _EPOLL(1)
+            self._ep.register(self._fd, _EPOLLIN)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, _READ_SLICE_US))
         self._reader = threading.Thread(target=self._read_loop, name="connshare-reader", daemon=True)
 
     def start(self, early: list[bytes]) -> None:
         """Start reading; ``early`` holds frames that came with the handshake."""
-        self._early = early
+        self._backlog.extend(early)
         self._reader.start()
 
     # -- sending ------------------------------------------------------------------------
@@ -191,18 +217,45 @@ class FollowerConnection:
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
         p = Pending()
+        lock: Any = p.lock
         self.pending[rid] = p
+        deadline = time.monotonic() + timeout
+        # Read our own answer when nobody else is reading: the background reader
+        # stands aside (disarmed) until we are done.
+        reading = self._ep is not None and self._rtoken.acquire(False)
         try:
-            self.send(frame, timeout)
-        except BaseException:
-            self.pending.pop(rid, None)
-            raise
-        if not p.lock.acquire(True, timeout):  # type: ignore[union-attr]
+            if reading:
+                self._arm(0)
+            try:
+                self.send(frame, timeout)
+            except BaseException:
+                self.pending.pop(rid, None)
+                raise
+            if reading:
+                while lock.locked() and not self._finished and time.monotonic() < deadline:
+                    self._read_once(0)
+        finally:
+            if reading:
+                self._arm(_EPOLLIN)  # data that came meanwhile wakes the background
+                self._rtoken.release()
+        if not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
             if self.pending.pop(rid, None) is not None:
                 raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout} s")
             # answered meanwhile; the lock is (being) released
-            p.lock.acquire()  # type: ignore[union-attr]
+            lock.acquire()
         return p.outcome()
+
+    def forget_epoll(self) -> None:
+        """In a forked child: close our copy of the epoll descriptor."""
+        if self._ep is not None:
+            self._ep.close()
+
+    def _arm(self, events: int) -> None:
+        """Let the background reader wait for data (EPOLLIN) or not (0)."""
+        try:
+            self._ep.modify(self._fd, events)
+        except (OSError, ValueError):
+            pass  # the connection ended and its socket is closed
 
     def request_async(
         self,
@@ -235,40 +288,79 @@ class FollowerConnection:
     # -- reading ------------------------------------------------------------------------
 
     def _read_loop(self) -> None:
+        """The background reader: wait for data, take the read token, read."""
         mark_no_blocking_thread()
-        reason: BaseException = LeaderLostError("the leader closed the connection")
+        with self._rtoken:
+            self._consume(None)  # frames that came with the handshake
+        wait = self._ep.poll if self._ep is not None else self._select
         try:
-            for body in self._early:
-                self._handle(self.codec.unpack(body))
-            self._early = []
-            sock = self.sock
-            buf = bytearray(256 * 1024)
-            view = memoryview(buf)
-            feed = self.decoder.feed
-            unpack = self.codec.unpack
-            handle = self._handle
-            while self.lost is None:
-                n = sock.recv_into(buf)
-                if not n:
-                    break
-                self.last_rx = time.monotonic()
-                if self.unresponsive:
-                    self.unresponsive = False
-                    log.info("the leader (pid %s) answers again", self.peer_pid)
-                batch: dict = {}
-                for body in feed(view[:n]):
-                    handle(unpack(body), batch)
-                for loop, items in batch.items():
-                    _wake(loop, items)
+            while not self._finished:
+                if not wait(1.0):
+                    continue
+                with self._rtoken:
+                    if not self._finished:
+                        self._read_once(_DONTWAIT)
+        finally:
+            with self.send_lock:  # no sender may hold the fd number while it is reused
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
+            if self._ep is not None:
+                self._ep.close()
+
+    def _select(self, timeout: float) -> bool:
+        try:
+            return bool(select.select([self.sock], [], [], timeout)[0])
+        except (OSError, ValueError):
+            return True  # closed under us: the read reports it
+
+    def _read_once(self, flags: int) -> None:
+        """One recv and the frames it completes (with the read token held)."""
+        try:
+            n = self.sock.recv_into(self._buf, 0, flags)
+        except (BlockingIOError, InterruptedError):
+            return  # nothing yet; or a reading caller's time slice passed
+        except OSError as exc:
+            self._finish(LeaderLostError(f"connection to the leader broke: {exc}"))
+            return
+        if not n:
+            self._finish(LeaderLostError("the leader closed the connection"))
+            return
+        self.last_rx = time.monotonic()
+        if self.unresponsive:
+            self.unresponsive = False
+            log.info("the leader (pid %s) answers again", self.peer_pid)
+        self._consume(self._view[:n])
+
+    def _consume(self, data: memoryview | None) -> None:
+        try:
+            if data is not None:
+                self._backlog.extend(self.decoder.feed(data))
+            self._drain()
         except ProtocolError as exc:
             log.error("leader (pid %s) broke the protocol: %s", self.peer_pid, exc)
-            reason = exc
-        except OSError as exc:
-            reason = LeaderLostError(f"connection to the leader broke: {exc}")
+            self._finish(exc)
         except Exception as exc:
             log.exception("connshare reader failed")
-            reason = exc
-        self._finish(reason)
+            self._finish(exc)
+        except BaseException as exc:
+            # A KeyboardInterrupt in a caller reading its own answer: frames it
+            # had read may be lost, so end the connection (the node reconnects and
+            # resubscribes, as after a leader's loss) rather than lose them silently.
+            self.abort(LeaderLostError(f"reading was interrupted by {exc!r}"))
+            raise
+
+    def _drain(self) -> None:
+        """Handle the frames read so far; those left by an interrupted reader first."""
+        backlog = self._backlog
+        batch: dict = {}
+        try:
+            while backlog:
+                self._handle(self.codec.unpack(backlog.popleft()), batch)
+        finally:
+            for loop, items in batch.items():
+                _wake(loop, items)
 
     def _handle(self, wire: list, batch: dict | None = None) -> None:
         t = wire[0]
@@ -333,13 +425,17 @@ class FollowerConnection:
         self.abort(ConnshareError("closed"))
 
     def _finish(self, reason: BaseException) -> None:
+        """The connection is over (whoever read the end): fail what waits, report
+        the loss once. The background reader closes the socket as it exits."""
+        if self._finished:
+            return
+        self._finished = True
         if self.lost is None:
             self.lost = reason
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # readable now: the background wakes
+        except OSError:
+            pass
         pid = self.peer_pid
         self.fail_pending(lambda: LeaderLostError(f"the leader (pid {pid}) went away with the call in flight; it may or may not have run"))
-        with self.send_lock:  # no sender may hold the fd number while it is reused
-            try:
-                self.sock.close()
-            except OSError:
-                pass
         self._on_lost(self, self.lost)

@@ -818,6 +818,7 @@ class Node:
             socks.append(peer.sock)
         if self.conn is not None:
             socks.append(self.conn.sock)
+            self.conn.forget_epoll()
         for s in socks:
             try:
                 fd = s.detach() if isinstance(s, socket.socket) else s.fileno()
