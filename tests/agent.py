@@ -199,6 +199,78 @@ class Agent:
         s["thread"].join(30)
         return {"ok": s["ok"], "errors": s["errors"], "max": s["max"], "alive": s["thread"].is_alive()}
 
+    def op_call_in_thread(self, cid: str, method: str, args: list, name: str) -> None:
+        """Start one blocking call on its own thread; op_join_call returns its outcome."""
+        c = self.clients[cid]
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["result"] = ("ok", getattr(c, method)(*args))
+            except BaseException as exc:  # KeyboardInterrupt included
+                box["result"] = ("raised", describe(exc))
+
+        t = threading.Thread(target=run, daemon=True, name=name)
+        self.loopers[name] = {"thread": t, "box": box}
+        t.start()
+
+    def op_conn_id(self, cid: str) -> int | None:
+        """Which connection to the leader the client's node holds (None: none)."""
+        conn = self.clients[cid]._node.conn
+        return None if conn is None else id(conn)
+
+    def op_call_running(self, name: str) -> bool:
+        return self.loopers[name]["thread"].is_alive()
+
+    def op_join_call(self, name: str, timeout: float = 30) -> Any:
+        s = self.loopers.pop(name)
+        s["thread"].join(timeout)
+        return s["box"].get("result", ("running", None))
+
+    def op_interrupt_call(self, name: str) -> None:
+        """Raise KeyboardInterrupt in that call's thread, as Ctrl-C would in a main thread."""
+        import ctypes
+
+        ident = self.loopers[name]["thread"].ident
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
+
+    def op_hammer(self, cid: str, threads: int, per_thread: int, tasks: int) -> dict:
+        """Blocking calls from many threads and awaitable ones from one loop, at once,
+        each with its own payload; counts answers that came back to the wrong caller."""
+        c = self.clients[cid]
+        bad: list = []
+        errors: list = []
+
+        def blocking(t: int) -> None:
+            for i in range(per_thread):
+                try:
+                    v = c.echo([t, i])
+                    if v != [t, i]:
+                        bad.append(v)
+                except Exception as exc:
+                    errors.append(describe(exc)["type"])
+
+        async def awaiting(k: int) -> None:
+            for i in range(per_thread):
+                try:
+                    v = await c.aecho(["a", k, i])
+                    if v != ["a", k, i]:
+                        bad.append(v)
+                except Exception as exc:
+                    errors.append(describe(exc)["type"])
+
+        async def all_tasks() -> None:
+            await asyncio.gather(*(awaiting(k) for k in range(tasks)))
+
+        ths = [threading.Thread(target=blocking, args=(t,)) for t in range(threads)]
+        fut = asyncio.run_coroutine_threadsafe(all_tasks(), self.aloop)
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join(120)
+        fut.result(120)
+        return {"bad": len(bad), "errors": errors}
+
     def op_exit(self) -> None:
         os._exit(0)
 

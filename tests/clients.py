@@ -118,6 +118,13 @@ class KVClient(Base):
         await asyncio.sleep(seconds)
         return seconds
 
+    def emit_then_sleep(self, key: str, value: Any, seconds: float) -> float:
+        """An upstream event for ``key`` while this call is still running."""
+        for fn in list(self._listeners.get(key, ())):
+            fn({"key": key, "value": value, "leader": self.pid})
+        time.sleep(seconds)
+        return seconds
+
     def trouble(self, message: str) -> None:
         """The upstream misbehaves: the real client emits an error event."""
         self.emit("error", AppError(message))

@@ -1,0 +1,75 @@
+"""A follower's blocking caller reads its own answer off the socket when nobody else
+is reading (the background reader stands aside). Whoever reads must deliver every
+other frame too, and must hand the socket back however the call ends."""
+
+from __future__ import annotations
+
+from tests.conftest import kv_spec
+from tests.harness import wait_until
+
+DELEGATES = ["echo", "aecho", "sleep", "whoami", "emit_then_sleep"]
+
+
+def _pair(spawn, port: int, upstream_port: int, **options):
+    a, b = spawn(
+        [kv_spec(port, upstream_port, delegates=DELEGATES, **options)],
+        [kv_spec(port, upstream_port, delegates=DELEGATES, **options)],
+    )
+    a.ready()
+    b.ready()
+    return (a, b) if a.role()["is_leader"] else (b, a)
+
+
+def test_events_reach_listeners_while_a_blocking_caller_reads(port, upstream, spawn) -> None:
+    _leader, follower = _pair(spawn, port, upstream.port)
+    follower.subscribe({"key": "cfg"}, "cfg")
+    upstream.set("cfg", 0)
+    follower.wait_event("cfg", lambda v: v["value"] == 0)
+    # The call takes the read token before it sends; the event is emitted by the
+    # method it runs, so only that caller can read it off the socket.
+    follower.request("call_in_thread", "0", "emit_then_sleep", ["cfg", 1, 3.0], "slow")
+    follower.wait_event("cfg", lambda v: v["value"] == 1, timeout=10)
+    assert follower.request("call_running", "slow"), "the event waited for the call to end"
+    assert follower.request("join_call", "slow") == ("ok", 3.0)
+    # and the background reader has the socket again
+    upstream.set("cfg", 2)
+    follower.wait_event("cfg", lambda v: v["value"] == 2)
+
+
+def test_blocking_threads_and_awaitable_calls_share_one_connection(port, upstream, spawn) -> None:
+    _leader, follower = _pair(spawn, port, upstream.port)
+    out = follower.request("hammer", "0", 8, 300, 20, timeout=180)
+    assert out == {"bad": 0, "errors": []}
+    follower.subscribe({"key": "k"}, "k")
+    upstream.set("k", "after")
+    follower.wait_event("k", lambda v: v["value"] == "after")
+
+
+def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, upstream, spawn) -> None:
+    # No heartbeats: nothing arrives while the caller waits, so the interrupt hits
+    # it between reads, and the connection must stay (no reconnect hides a leak).
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    follower.subscribe({"key": "k"}, "k")
+    conn_before = follower.request("conn_id", "0")
+    follower.request("call_in_thread", "0", "sleep", [30.0], "stuck")
+    wait_until(lambda: follower.request("call_running", "stuck"), 10)
+    follower.request("interrupt_call", "stuck")
+    status, desc = follower.request("join_call", "stuck", 20)
+    assert status == "raised" and desc["type"] == "KeyboardInterrupt"
+    # whoever reads next has the socket: calls and events still work
+    assert follower.call("whoami") == leader.role()["pid"]
+    upstream.set("k", "v")
+    follower.wait_event("k", lambda v: v["value"] == "v")
+    assert follower.request("conn_id", "0") == conn_before
+
+
+def test_a_reading_caller_sees_the_leader_die(port, upstream, spawn) -> None:
+    leader, follower = _pair(spawn, port, upstream.port)
+    follower.request("call_in_thread", "0", "sleep", [30.0], "inflight")
+    wait_until(lambda: follower.request("call_running", "inflight"), 10)
+    leader.kill(9)
+    status, desc = follower.request("join_call", "inflight", 20)
+    assert status == "raised" and desc["type"] == "LeaderLostError", desc
+    # the survivor leads now, and its own calls work
+    wait_until(lambda: follower.role()["is_leader"], 10)
+    assert follower.call("echo", 5) == 5
