@@ -190,12 +190,6 @@ class PeerProtocol:
         self.last_rx = time.monotonic()
         try:
             bodies = self.decoder.feed(data)
-            if len(bodies) > 1 and not self._corked:
-                # Several requests in one read: their answers leave together, in
-                # one send() at the end of this loop turn's tasks (_uncork). A
-                # lone request's answer goes at once, with no extra loop turn.
-                self._corked = True
-                self.loop.call_soon(self._uncork)
             for body in bodies:
                 if self.closed or self._closing_after_flush:
                     return  # being closed: nothing more it sends is read
@@ -214,14 +208,15 @@ class PeerProtocol:
 
     def write(self, frame: bytes) -> None:
         over = False
+        on_loop = self.node.on_loop()
         with self._wlock:
             if self.closed or self.fd < 0:
                 return
             if self._wbuf or self._corked:
-                # Behind a backlog, or corked for a batch of requests: queue it,
-                # to leave in one send() with the others (_uncork). Judge the
-                # backlog before this frame: one frame larger than the limit, to
-                # a follower that keeps up, is no reason to drop it.
+                # Behind a backlog, or a write this loop turn already went out:
+                # queue it, to leave in one send() with the others (_uncork).
+                # Judge the backlog before this frame: one frame larger than the
+                # limit, to a follower that keeps up, is no reason to drop it.
                 over = len(self._wbuf) > self.options.max_buffered_bytes
                 if not over:
                     self._wbuf += frame
@@ -235,6 +230,11 @@ class PeerProtocol:
                 if n < len(frame):
                     self._wbuf += memoryview(frame)[n:]
                     self._arm_writer()
+                elif on_loop:
+                    # The first answer of a loop turn goes at once (no latency
+                    # cost); the rest of this turn's answers are batched.
+                    self._corked = True
+                    self.loop.call_soon(self._uncork)
         if over:
             self.drop(f"follower is not reading: over max_buffered_bytes={self.options.max_buffered_bytes} queued")
 
