@@ -1,0 +1,204 @@
+"""Where a follower call's time goes: minimal echo pairs, side by side.
+
+``python -m benchmarks.anatomy [--runs N] [--n CALLS]`` times sequential calls of
+the 100-character payload through hand-written pairs that each add one piece of
+what a connshare follower call needs, and writes ``results/anatomy.json``:
+
+* server: an event loop (asyncio, and uvloop where installed) reading the socket
+  with ``add_reader`` and answering msgpack frames either inline or from a Task
+  (what a coroutine method costs on Python 3.11, where tasks cannot start eagerly);
+* client: a blocking socket that reads its own answer, or a caller that writes
+  under a lock while a reader thread reads and wakes it through a lock.
+
+No connshare code runs here: these are the floors connshare's own figures
+(``connshare_call``) compare with. Each figure is the median of ``--runs`` runs,
+the variants interleaved run by run so that machine noise hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import multiprocessing as mp
+import socket
+import statistics
+import struct
+import threading
+import time
+from typing import Any
+
+import msgpack
+
+from benchmarks._common import RESULTS_DIR, host_info
+
+HEADER = struct.Struct(">I")
+PAYLOAD = "x" * 100
+
+
+def _server(port_q: Any, loop_kind: str, task: bool) -> None:
+    import asyncio
+
+    if loop_kind == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    listener = socket.create_server(("127.0.0.1", 0))
+    port_q.put(listener.getsockname()[1])
+    conn, _ = listener.accept()
+    conn.setblocking(False)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(65536)
+    packer = msgpack.Packer()
+    tasks: set[Any] = set()
+
+    async def echo(p: Any) -> Any:
+        return p
+
+    async def answer(rid: int, coro: Any) -> None:
+        body = packer.pack([9, rid, await coro])
+        conn.send(HEADER.pack(len(body)) + body)
+
+    def readable() -> None:
+        n = conn.recv_into(buf)
+        if not n:
+            loop.stop()
+            return
+        data = bytes(buf[:n])
+        i = 0
+        while i + 4 <= len(data):
+            (size,) = HEADER.unpack_from(data, i)
+            wire = msgpack.unpackb(data[i + 4 : i + 4 + size])
+            i += 4 + size
+            if task:
+                t = loop.create_task(answer(wire[1], echo(wire[4][0])))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            else:
+                body = packer.pack([9, wire[1], wire[4][0]])
+                conn.send(HEADER.pack(len(body)) + body)
+
+    loop.add_reader(conn.fileno(), readable)
+    loop.run_forever()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise EOFError
+        out += chunk
+    return out
+
+
+def _client_direct(sock: socket.socket, n: int) -> list[int]:
+    packer = msgpack.Packer()
+    out = []
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        body = packer.pack([8, i, 1, "echo", [PAYLOAD], {}, 0, 30.0])
+        sock.sendall(HEADER.pack(len(body)) + body)
+        (size,) = HEADER.unpack(_recv_exact(sock, 4))
+        msgpack.unpackb(_recv_exact(sock, size))
+        out.append(clock() - t0)
+    return out
+
+
+def _client_reader_thread(sock: socket.socket, n: int) -> list[int]:
+    packer = msgpack.Packer()
+    pending: dict[int, list] = {}
+
+    def reader() -> None:
+        buf = bytearray(65536)
+        while True:
+            k = sock.recv_into(buf)
+            if not k:
+                return
+            data = bytes(buf[:k])
+            i = 0
+            while i + 4 <= len(data):
+                (size,) = HEADER.unpack_from(data, i)
+                wire = msgpack.unpackb(data[i + 4 : i + 4 + size])
+                i += 4 + size
+                box = pending.pop(wire[1])
+                box[1] = wire[2]
+                box[0].release()
+
+    threading.Thread(target=reader, daemon=True).start()
+    send_lock = threading.Lock()
+    out = []
+    clock = time.perf_counter_ns
+    for i in range(n):
+        t0 = clock()
+        body = packer.pack([8, i, 1, "echo", [PAYLOAD], {}, 0, 30.0])
+        lock = _thread.allocate_lock()
+        lock.acquire()
+        pending[i] = [lock, None]
+        with send_lock:
+            sock.send(HEADER.pack(len(body)) + body)
+        lock.acquire()
+        out.append(clock() - t0)
+    return out
+
+
+def one(loop_kind: str, task: bool, client: str, n: int, warmup: int) -> float:
+    """p50 in µs of one pair."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_server, args=(q, loop_kind, task), daemon=True)
+    proc.start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", q.get(timeout=30)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        run = _client_direct if client == "direct" else _client_reader_thread
+        samples = sorted(run(sock, n + warmup)[warmup:])
+        sock.shutdown(socket.SHUT_RDWR)  # wakes a reader thread blocked in recv
+        sock.close()
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    return samples[len(samples) // 2] / 1000
+
+
+def variants() -> list[tuple[str, bool, str]]:
+    loops = ["asyncio"]
+    try:
+        import uvloop  # noqa: F401
+
+        loops.append("uvloop")
+    except ImportError:
+        pass
+    return [(lk, task, client) for lk in loops for task in (False, True) for client in ("direct", "reader-thread")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    runs: dict[str, list[float]] = {}
+    for _ in range(args.runs):
+        for lk, task, client in variants():
+            name = f"{lk}, {'task' if task else 'inline'} answer, {client} client"
+            runs.setdefault(name, []).append(round(one(lk, task, client, args.n, args.warmup), 1))
+    print("| pair | p50 µs: median (min..max) |\n| --- | --- |")
+    out: dict[str, Any] = {"host": host_info(), "n": args.n, "runs": args.runs, "p50_us": {}}
+    for name, v in runs.items():
+        out["p50_us"][name] = {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
+        print(f"| {name} | {statistics.median(v):.1f} ({min(v):.1f}..{max(v):.1f}) |")
+    if not args.no_write:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        (RESULTS_DIR / "anatomy.json").write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
