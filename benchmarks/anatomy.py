@@ -36,6 +36,17 @@ HEADER = struct.Struct(">I")
 PAYLOAD = "x" * 100
 
 
+def _frames(data: bytes) -> list[Any]:
+    """The messages in one read (small frames on loopback: a read holds whole ones)."""
+    out = []
+    i = 0
+    while i + 4 <= len(data):
+        (size,) = HEADER.unpack_from(data, i)
+        out.append(msgpack.unpackb(data[i + 4 : i + 4 + size]))
+        i += 4 + size
+    return out
+
+
 def _server(port_q: Any, loop_kind: str, task: bool) -> None:
     import asyncio
 
@@ -67,12 +78,7 @@ def _server(port_q: Any, loop_kind: str, task: bool) -> None:
         if not n:
             loop.stop()
             return
-        data = bytes(buf[:n])
-        i = 0
-        while i + 4 <= len(data):
-            (size,) = HEADER.unpack_from(data, i)
-            wire = msgpack.unpackb(data[i + 4 : i + 4 + size])
-            i += 4 + size
+        for wire in _frames(bytes(buf[:n])):
             if task:
                 t = loop.create_task(answer(wire[1], echo(wire[4][0])))
                 tasks.add(t)
@@ -119,12 +125,7 @@ def _client_reader_thread(sock: socket.socket, n: int) -> list[int]:
             k = sock.recv_into(buf)
             if not k:
                 return
-            data = bytes(buf[:k])
-            i = 0
-            while i + 4 <= len(data):
-                (size,) = HEADER.unpack_from(data, i)
-                wire = msgpack.unpackb(data[i + 4 : i + 4 + size])
-                i += 4 + size
+            for wire in _frames(bytes(buf[:k])):
                 box = pending.pop(wire[1])
                 box[1] = wire[2]
                 box[0].release()
