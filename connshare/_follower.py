@@ -7,6 +7,12 @@ read token reads the socket and completes every waiter it finds answered:
   (the background reader is disarmed meanwhile), so the answer wakes the caller
   directly instead of a reader thread that would then wake the caller: one thread
   wake-up less per call;
+* an event loop awaiting an answer, when the token is free, becomes the reader
+  role: its selector watches the socket (``add_reader``) and it reads there and
+  settles its own futures in place, again with no reader thread between the
+  answer and the caller. It keeps the role while reads bring it answers, and gives
+  it back after a read that brought it none. A loop that stalls (or closes) while
+  answers wait unread loses the role to the background within about a second;
 * otherwise the background reader thread reads, and completes blocking callers
   through a private lock, awaitable ones on their own loop with
   ``call_soon_threadsafe`` (one wake-up per loop per read).
@@ -53,6 +59,11 @@ _EPOLLIN = getattr(select, "EPOLLIN", 0)
 #: a caller reading its own answer wakes this often to check its deadline and the
 #: connection (SO_RCVTIMEO: the blocking recv itself times out, no extra syscall)
 _READ_SLICE_US = 50_000
+#: the background reader's wake-up period while another party reads, and how long
+#: data may sit unread under an event loop holding the reader role before the
+#: background takes the role back
+_WATCH_S = 0.25
+_STALL_S = 0.5
 
 
 class Pending:
@@ -144,6 +155,15 @@ class FollowerConnection:
         self._finished = False
         #: held by the one thread reading the socket (a caller or the background)
         self._rtoken = threading.Lock()
+        #: the event loop holding the reader role, if any (changed under _rtoken)
+        self._role: asyncio.AbstractEventLoop | None = None
+        self._here: asyncio.AbstractEventLoop | None = None  # the role loop, while it reads
+        self._got_mine = False
+        #: loops whose selector watches our fd; the socket is closed only once
+        #: none does, or a reused fd number could be unwatched by mistake
+        self._watching: set[asyncio.AbstractEventLoop] = set()
+        self._reg_lock = threading.Lock()
+        self._close_deferred = False
         self._backlog: deque[bytes] = deque()  # frames read, not yet handled
         self._buf = bytearray(256 * 1024)
         self._view = memoryview(self._buf)
@@ -223,6 +243,9 @@ class FollowerConnection:
         # Read our own answer when nobody else is reading: the background reader
         # stands aside (disarmed) until we are done.
         reading = self._ep is not None and self._rtoken.acquire(False)
+        if reading and self._role is not None:  # an event loop reads: it answers us
+            self._rtoken.release()
+            reading = False
         try:
             if reading:
                 self._arm(0)
@@ -271,12 +294,116 @@ class FollowerConnection:
         frame = self.codec.pack(wire_without_rid)
         p = Pending(loop, hook, internal)
         self.pending[rid] = p
+        if self._role is not loop and self._ep is not None:
+            self._take_role(loop)
         try:
             self.send(frame, 1.0)
         except BaseException:
             self.pending.pop(rid, None)
             raise
         return rid, p.fut  # type: ignore[return-value]
+
+    # -- an event loop as the reader -------------------------------------------------------
+
+    def _take_role(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread: become the reader if nobody else is reading."""
+        if not self._rtoken.acquire(False):
+            return
+        try:
+            if self._role is None and not self._finished:
+                with self._reg_lock:
+                    if self._close_deferred:
+                        return
+                    loop.add_reader(self._fd, self._loop_read, loop)
+                    self._watching.add(loop)
+                # libuv (uvloop) makes a watched fd non-blocking, for good: a caller
+                # reading its own answer needs a blocking recv (with SO_RCVTIMEO)
+                self.sock.setblocking(True)
+                self._arm(0)
+                self._role = loop
+        except (NotImplementedError, RuntimeError, OSError):
+            pass  # a loop without add_reader: the background reads
+        finally:
+            self._rtoken.release()
+
+    def _loop_read(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``loop``'s reader callback: one read, futures of this loop settled here."""
+        # The token is held for one read at most while a loop has the role (blocking
+        # callers then do not read), so waiting for it is short. Re-check the role
+        # while waiting: if it was taken back, a blocking caller may hold the token
+        # for a whole call.
+        while not self._rtoken.acquire(True, 0.005):
+            if self._role is not loop:
+                self._unwatch(loop)
+                return
+        try:
+            if self._role is not loop:
+                self._unwatch(loop)
+                return
+            self._here, self._got_mine = loop, False
+            try:
+                self._read_once(_DONTWAIT)
+            finally:
+                self._here = None
+            if self._finished or not self._got_mine:
+                self._role = None
+                self._arm(_EPOLLIN)
+                self._unwatch(loop)
+        finally:
+            self._rtoken.release()
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread: stop watching the socket; close it if it was left
+        open for this."""
+        with self._reg_lock:
+            if loop in self._watching:
+                self._watching.discard(loop)
+                try:
+                    loop.remove_reader(self._fd)
+                except (RuntimeError, OSError, ValueError):
+                    pass
+            close = self._close_deferred and not self._watching
+        if close:
+            self._close_sock()
+
+    def _watch_role(self) -> None:
+        """The background, woken by its period while a loop has the role: take the
+        role back from a loop that closed, or that leaves data unread (it is blocked
+        by the app's code), so that other callers, events and heartbeats go on."""
+        role = self._role
+        if role is None:
+            return
+        if not role.is_closed():
+            if time.monotonic() - self.last_rx < _STALL_S:
+                return
+            if not self.has_unread():
+                return  # the loop is only idle
+        with self._rtoken:
+            if self._role is not role:
+                return
+            self._role = None
+            self._arm(_EPOLLIN)
+        log.debug("an event loop holding the leader connection's reader role stalled; the background reads")
+        try:
+            role.call_soon_threadsafe(self._unwatch_if_not_role, role)
+        except RuntimeError:  # a closed loop: its selector is gone with it
+            with self._reg_lock:
+                self._watching.discard(role)
+
+    def _unwatch_if_not_role(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._role is not loop:
+            self._unwatch(loop)
+
+    def has_unread(self) -> bool:
+        """Whether the leader sent something not read yet (it is alive, the
+        reader is late)."""
+        try:
+            self.sock.recv(1, _PEEK)  # data, or b"" for the end: either waits for a read
+            return True
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
 
     def forget(self, rid: int) -> None:
         self.pending.pop(rid, None)
@@ -295,19 +422,31 @@ class FollowerConnection:
         wait = self._ep.poll if self._ep is not None else self._select
         try:
             while not self._finished:
-                if not wait(1.0):
+                if not wait(_WATCH_S):
+                    self._watch_role()
                     continue
                 with self._rtoken:
                     if not self._finished:
                         self._read_once(_DONTWAIT)
         finally:
-            with self.send_lock:  # no sender may hold the fd number while it is reused
-                try:
-                    self.sock.close()
-                except OSError:
-                    pass
             if self._ep is not None:
                 self._ep.close()
+            with self._reg_lock:
+                for loop in list(self._watching):
+                    try:
+                        loop.call_soon_threadsafe(self._unwatch, loop)
+                    except RuntimeError:
+                        self._watching.discard(loop)
+                self._close_deferred = bool(self._watching)
+            if not self._close_deferred:
+                self._close_sock()
+
+    def _close_sock(self) -> None:
+        with self.send_lock:  # no sender may hold the fd number while it is reused
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
     def _select(self, timeout: float) -> bool:
         try:
@@ -359,8 +498,13 @@ class FollowerConnection:
             while backlog:
                 self._handle(self.codec.unpack(backlog.popleft()), batch)
         finally:
+            here = self._here
             for loop, items in batch.items():
-                _wake(loop, items)
+                if loop is here:  # the reading loop's own futures: settle in place
+                    self._got_mine = True
+                    _settle_futs(items)
+                else:
+                    _wake(loop, items)
 
     def _handle(self, wire: list, batch: dict | None = None) -> None:
         t = wire[0]

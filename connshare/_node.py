@@ -488,7 +488,8 @@ class Node:
         while conn.lost is None:
             await asyncio.sleep(interval)
             token += 1
-            if time.monotonic() - conn.last_rx > 3 * interval:
+            # Unread data proves the leader alive: only our reader is late.
+            if time.monotonic() - conn.last_rx > 3 * interval and not conn.has_unread():
                 conn.mark_unresponsive()
             try:
                 await self.loop.run_in_executor(None, conn.send, self.codec.pack([MsgType.PING, token]), interval)

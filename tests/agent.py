@@ -234,6 +234,66 @@ class Agent:
         ident = self.loopers[name]["thread"].ident
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
 
+    def _reads_here(self, cid: str) -> bool:
+        """Whether the running loop holds the follower connection's reader role
+        (a test's precondition: the case it means to test did happen)."""
+        conn = self.clients[cid]._node.conn
+        return conn is not None and conn._role is asyncio.get_running_loop()
+
+    async def _acall_reading(self, cid: str, method: str, args: list) -> tuple[Any, bool]:
+        # A loop takes the role only when nobody is reading at that instant (a
+        # heartbeat's answer may be in the middle of a read): try a few calls.
+        c = self.clients[cid]
+        for _ in range(20):
+            res = await getattr(c, method)(*args)
+            if self._reads_here(cid):
+                return res, True
+        return res, False
+
+    def op_acall_on_fresh_loop(self, cid: str, method: str, args: list, kind: str = "asyncio") -> tuple[Any, bool]:
+        """Awaitable calls on a new event loop (``asyncio`` or ``uvloop``) that is
+        closed right after, as ``asyncio.run`` does; whether it read the last answer."""
+
+        async def go() -> Any:
+            return await self._acall_reading(cid, method, args)
+
+        if kind == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(go())
+        finally:
+            loop.close()
+
+    def op_acall_then_block_loop(self, cid: str, method: str, args: list, seconds: float) -> tuple[Any, bool]:
+        """An awaitable call on the agent's loop, whose continuation then blocks the
+        loop with app code for ``seconds``; the result, and whether the loop held
+        the reader role as it blocked."""
+        self.loop_blocked = threading.Event()
+        box: dict = {}
+
+        async def go() -> None:
+            box["out"] = await self._acall_reading(cid, method, args)
+            self.loop_blocked.set()
+            time.sleep(seconds)
+            self.loop_blocked.clear()
+
+        asyncio.run_coroutine_threadsafe(go(), self.aloop)
+        self.loop_blocked.wait(10)
+        return box["out"]
+
+    def op_loop_blocked(self) -> bool:
+        return self.loop_blocked.is_set()
+
+    def op_cpu_call(self, cid: str, method: str, args: list) -> tuple[Any, float]:
+        """A blocking call and the CPU time its thread spent in it."""
+        t0 = time.thread_time()
+        res = getattr(self.clients[cid], method)(*args)
+        return res, time.thread_time() - t0
+
     def op_hammer(self, cid: str, threads: int, per_thread: int, tasks: int) -> dict:
         """Blocking calls from many threads and awaitable ones from one loop, at once,
         each with its own payload; counts answers that came back to the wrong caller."""

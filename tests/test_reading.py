@@ -1,8 +1,11 @@
 """A follower's blocking caller reads its own answer off the socket when nobody else
-is reading (the background reader stands aside). Whoever reads must deliver every
-other frame too, and must hand the socket back however the call ends."""
+is reading (the background reader stands aside), and an event loop awaiting answers
+reads them on its own selector. Whoever reads must deliver every other frame too,
+and must hand the socket back however the call ends, or however the loop stalls."""
 
 from __future__ import annotations
+
+import pytest
 
 from tests.conftest import kv_spec
 from tests.harness import wait_until
@@ -72,4 +75,34 @@ def test_a_reading_caller_sees_the_leader_die(port, upstream, spawn) -> None:
     assert status == "raised" and desc["type"] == "LeaderLostError", desc
     # the survivor leads now, and its own calls work
     wait_until(lambda: follower.role()["is_leader"], 10)
+    assert follower.call("echo", 5) == 5
+
+
+def test_a_stalled_event_loop_does_not_hold_up_other_callers(port, upstream, spawn) -> None:
+    # Heartbeats every 0.1 s: a reader late by more than 0.3 s must not make the
+    # leader look unresponsive while its answers sit unread.
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=0.1)
+    follower.subscribe({"key": "k"}, "k")
+    assert follower.request("acall_then_block_loop", "0", "aecho", [1], 8.0) == (1, True)
+    assert follower.call("whoami") == leader.role()["pid"]
+    upstream.set("k", "meanwhile")
+    follower.wait_event("k", lambda v: v["value"] == "meanwhile")
+    assert follower.request("loop_blocked"), "the call waited for the blocked loop"
+    assert follower.request("errors", "0") == []
+    wait_until(lambda: not follower.request("loop_blocked"), 20, what="the loop runs again")
+    assert follower.request("acall", "0", "aecho", [2]) == 2
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_closed_event_loop_leaves_the_connection_working(port, upstream, spawn, kind) -> None:
+    if kind == "uvloop":
+        pytest.importorskip("uvloop")
+    _leader, follower = _pair(spawn, port, upstream.port)
+    assert follower.request("acall_on_fresh_loop", "0", "aecho", ["a"], kind) == ("a", True)
+    # That loop read the answer, then closed: the next blocking call is read by the
+    # background or by its caller, which must block in recv, not spin (libuv left
+    # the socket non-blocking once).
+    result, cpu_s = follower.request("cpu_call", "0", "sleep", [1.0])
+    assert result == 1.0
+    assert cpu_s < 0.3, f"the caller burned {cpu_s:.2f} s of CPU waiting 1 s for its answer"
     assert follower.call("echo", 5) == 5
