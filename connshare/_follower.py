@@ -1,23 +1,29 @@
 """A follower's connection to the leader.
 
 Callers write their frame to the socket themselves, under a lock. Whoever holds the
-read token reads the socket and completes every waiter it finds answered:
+read token reads the socket and completes every waiter it finds answered. By
+default that is connshare's own event loop (the *home* loop, where listeners run):
+its selector watches a private epoll set holding the socket, so any thread can arm
+or disarm it with one ``epoll_ctl``. Others read instead of it, to spare a thread
+wake-up per call:
 
 * a blocking caller that finds the token free takes it and reads its own answer
-  (the background reader is disarmed meanwhile), so the answer wakes the caller
-  directly instead of a reader thread that would then wake the caller: one thread
+  (the home loop is disarmed meanwhile), so the answer wakes the caller
+  directly instead of the home loop that would then wake the caller: one thread
   wake-up less per call;
 * an event loop awaiting an answer, when the token is free, becomes the reader
   role: its selector watches the socket (``add_reader``) and it reads there and
-  settles its own futures in place, again with no reader thread between the
+  settles its own futures in place, again with no other thread between the
   answer and the caller. It keeps the role while reads bring it answers, and gives
   it back after a read that brought it none. A loop that stalls (or closes) while
-  answers wait unread loses the role to the background within about a second;
-* otherwise the background reader thread reads, and completes blocking callers
-  through a private lock, awaitable ones on their own loop with
-  ``call_soon_threadsafe`` (one wake-up per loop per read).
+  answers wait unread loses the role to the home loop within about a second.
 
-Without ``select.epoll`` (not Linux) the background reader always reads.
+The home loop completes blocking callers through a private lock, awaitable ones
+on other loops with ``call_soon_threadsafe`` (one wake-up per loop per read), and
+its own futures and event deliveries in place.
+
+Without ``select.epoll`` (not Linux) the home loop watches the socket itself and
+always reads.
 """
 
 from __future__ import annotations
@@ -43,7 +49,6 @@ from ._errors import (
     NotSentError,
     ProtocolError,
 )
-from ._loop import mark_no_blocking_thread
 from ._protocol import Codec, Error, FrameDecoder, MsgType
 from ._remote import exception_from
 
@@ -59,16 +64,15 @@ _EPOLLIN = getattr(select, "EPOLLIN", 0)
 #: a caller reading its own answer wakes this often to check its deadline and the
 #: connection (SO_RCVTIMEO: the blocking recv itself times out, no extra syscall)
 _READ_SLICE_US = 50_000
-#: the background reader's wake-up period while another party reads, and how long
-#: data may sit unread under an event loop holding the reader role before the
-#: background takes the role back
+#: how often the home loop looks at an event loop holding the reader role, and how
+#: long data may sit unread under it before the home loop takes the role back
 _WATCH_S = 0.25
 _STALL_S = 0.5
 
 
 class Pending:
     """A request waiting for its answer: a blocking caller's lock, or a future on
-    the caller's loop. ``hook`` runs on the reader thread with the result, before
+    the caller's loop. ``hook`` runs in the reader with the result, before
     any later frame is read (a SUBSCRIBE result must map its key id first)."""
 
     __slots__ = ("fut", "hook", "internal", "lock", "loop", "ok", "value")
@@ -92,7 +96,7 @@ class Pending:
             self.fut = loop.create_future()
 
     def settle(self, ok: bool, value: Any, batch: dict | None = None) -> None:
-        """Wake the waiter. With ``batch`` (the reader thread), a future's result is
+        """Wake the waiter. With ``batch`` (a reader), a future's result is
         queued per loop, so that one wake-up settles every answer of one read."""
         self.ok = ok
         self.value = value
@@ -136,6 +140,7 @@ class FollowerConnection:
         peer_pid: int | None,
         on_lost: Callable[[FollowerConnection, BaseException], None],
         on_frame: Callable[[FollowerConnection, list], None],
+        home: asyncio.AbstractEventLoop,
     ) -> None:
         sock.setblocking(True)
         self.sock = sock
@@ -144,6 +149,7 @@ class FollowerConnection:
         self.peer_pid = peer_pid
         self._on_lost = on_lost
         self._on_frame = on_frame
+        self._home = home
         self.send_lock = threading.Lock()
         self.pending: dict[int, Pending] = {}
         self._rids = itertools.count(1)
@@ -153,7 +159,7 @@ class FollowerConnection:
         self.draining = False  # the leader said GOODBYE: finish what was sent
         self.lost: BaseException | None = None
         self._finished = False
-        #: held by the one thread reading the socket (a caller or the background)
+        #: held by the one thread reading the socket
         self._rtoken = threading.Lock()
         #: the event loop holding the reader role, if any (changed under _rtoken)
         self._role: asyncio.AbstractEventLoop | None = None
@@ -164,6 +170,8 @@ class FollowerConnection:
         self._watching: set[asyncio.AbstractEventLoop] = set()
         self._reg_lock = threading.Lock()
         self._close_deferred = False
+        self._watch_armed = False  # the home loop's look at the role loop is scheduled
+        self._home_closed = False
         self._backlog: deque[bytes] = deque()  # frames read, not yet handled
         self._buf = bytearray(256 * 1024)
         self._view = memoryview(self._buf)
@@ -173,12 +181,21 @@ class FollowerConnection:
             self._ep = _EPOLL(1)
             self._ep.register(self._fd, _EPOLLIN)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, _READ_SLICE_US))
-        self._reader = threading.Thread(target=self._read_loop, name="connshare-reader", daemon=True)
+        #: what the home loop's selector watches
+        self._home_fd = self._ep.fileno() if self._ep is not None else self._fd
 
     def start(self, early: list[bytes]) -> None:
-        """Start reading; ``early`` holds frames that came with the handshake."""
+        """Start reading (on the home loop); ``early`` holds frames that came with
+        the handshake."""
         self._backlog.extend(early)
-        self._reader.start()
+        with self._rtoken:
+            self._here = self._home
+            try:
+                self._consume(None)
+            finally:
+                self._here = None
+        self._home.add_reader(self._home_fd, self._home_read)
+        self.sock.setblocking(True)  # libuv makes a watched fd non-blocking
 
     # -- sending ------------------------------------------------------------------------
 
@@ -240,7 +257,7 @@ class FollowerConnection:
         lock: Any = p.lock
         self.pending[rid] = p
         deadline = time.monotonic() + timeout
-        # Read our own answer when nobody else is reading: the background reader
+        # Read our own answer when nobody else is reading: the home loop
         # stands aside (disarmed) until we are done.
         reading = self._ep is not None and self._rtoken.acquire(False)
         if reading and self._role is not None:  # an event loop reads: it answers us
@@ -259,7 +276,7 @@ class FollowerConnection:
                     self._read_once(0)
         finally:
             if reading:
-                self._arm(_EPOLLIN)  # data that came meanwhile wakes the background
+                self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
                 self._rtoken.release()
         if not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
             if self.pending.pop(rid, None) is not None:
@@ -274,7 +291,7 @@ class FollowerConnection:
             self._ep.close()
 
     def _arm(self, events: int) -> None:
-        """Let the background reader wait for data (EPOLLIN) or not (0)."""
+        """Let the home loop wait for data (EPOLLIN) or not (0)."""
         try:
             self._ep.modify(self._fd, events)
         except (OSError, ValueError):
@@ -294,7 +311,7 @@ class FollowerConnection:
         frame = self.codec.pack(wire_without_rid)
         p = Pending(loop, hook, internal)
         self.pending[rid] = p
-        if self._role is not loop and self._ep is not None:
+        if self._role is not loop and loop is not self._home and self._ep is not None:
             self._take_role(loop)
         try:
             self.send(frame, 1.0)
@@ -309,22 +326,28 @@ class FollowerConnection:
         """On ``loop``'s thread: become the reader if nobody else is reading."""
         if not self._rtoken.acquire(False):
             return
+        watch = False
         try:
-            if self._role is None and not self._finished:
-                with self._reg_lock:
-                    if self._close_deferred:
-                        return
-                    loop.add_reader(self._fd, self._loop_read, loop)
-                    self._watching.add(loop)
+            with self._reg_lock:
+                if self._role is not None or self._finished or self._home_closed:
+                    return
+                loop.add_reader(self._fd, self._loop_read, loop)
+                self._watching.add(loop)
                 # libuv (uvloop) makes a watched fd non-blocking, for good: a caller
                 # reading its own answer needs a blocking recv (with SO_RCVTIMEO)
                 self.sock.setblocking(True)
                 self._arm(0)
                 self._role = loop
+                watch, self._watch_armed = not self._watch_armed, True
         except (NotImplementedError, RuntimeError, OSError):
-            pass  # a loop without add_reader: the background reads
+            pass  # a loop without add_reader: the home loop reads
         finally:
             self._rtoken.release()
+        if watch:
+            try:
+                self._home.call_soon_threadsafe(self._watch_tick)
+            except RuntimeError:
+                pass  # connshare's loop is gone: the process is exiting
 
     def _loop_read(self, loop: asyncio.AbstractEventLoop) -> None:
         """``loop``'s reader callback: one read, futures of this loop settled here."""
@@ -366,24 +389,29 @@ class FollowerConnection:
         if close:
             self._close_sock()
 
-    def _watch_role(self) -> None:
-        """The background, woken by its period while a loop has the role: take the
-        role back from a loop that closed, or that leaves data unread (it is blocked
-        by the app's code), so that other callers, events and heartbeats go on."""
-        role = self._role
-        if role is None:
-            return
-        if not role.is_closed():
-            if time.monotonic() - self.last_rx < _STALL_S:
+    def _watch_tick(self) -> None:
+        """On the home loop, every _WATCH_S while a loop has the role: take the role
+        back from a loop that closed, or that leaves data unread (it is blocked by
+        the app's code), so that other callers, events and heartbeats go on."""
+        with self._reg_lock:
+            role = self._role
+            if role is None or self._finished:
+                self._watch_armed = False
                 return
-            if not self.has_unread():
-                return  # the loop is only idle
-        with self._rtoken:
+        self._home.call_later(_WATCH_S, self._watch_tick)
+        reading = time.monotonic() - self.last_rx < _STALL_S
+        if not role.is_closed() and (reading or not self.has_unread()):
+            return  # the loop reads, or is only idle
+        if not self._rtoken.acquire(False):
+            return  # the role loop is reading after all
+        try:
             if self._role is not role:
                 return
             self._role = None
             self._arm(_EPOLLIN)
-        log.debug("an event loop holding the leader connection's reader role stalled; the background reads")
+        finally:
+            self._rtoken.release()
+        log.debug("an event loop holding the leader connection's reader role stalled; connshare's loop reads")
         try:
             role.call_soon_threadsafe(self._unwatch_if_not_role, role)
         except RuntimeError:  # a closed loop: its selector is gone with it
@@ -414,32 +442,47 @@ class FollowerConnection:
 
     # -- reading ------------------------------------------------------------------------
 
-    def _read_loop(self) -> None:
-        """The background reader: wait for data, take the read token, read."""
-        mark_no_blocking_thread()
-        with self._rtoken:
-            self._consume(None)  # frames that came with the handshake
-        wait = self._ep.poll if self._ep is not None else self._select
+    def _home_read(self) -> None:
+        """The home loop's reader callback: the default reader."""
+        if self._finished:
+            self._close_home()
+            return
+        if not self._rtoken.acquire(False):
+            return  # someone else reads now (and disarms us, or is about to)
         try:
-            while not self._finished:
-                if not wait(_WATCH_S):
-                    self._watch_role()
-                    continue
-                with self._rtoken:
-                    if not self._finished:
-                        self._read_once(_DONTWAIT)
+            if self._role is None and not self._finished:
+                self._here = self._home
+                try:
+                    self._read_once(_DONTWAIT)
+                finally:
+                    self._here = None
         finally:
-            if self._ep is not None:
-                self._ep.close()
-            with self._reg_lock:
-                for loop in list(self._watching):
-                    try:
-                        loop.call_soon_threadsafe(self._unwatch, loop)
-                    except RuntimeError:
-                        self._watching.discard(loop)
-                self._close_deferred = bool(self._watching)
-            if not self._close_deferred:
-                self._close_sock()
+            self._rtoken.release()
+
+    def _close_home(self) -> None:
+        """On the home loop, once the connection is over: stop watching, close the
+        epoll set, and the socket once no other loop's selector watches it."""
+        if self._home_closed:
+            return
+        self._home_closed = True
+        try:
+            self._home.remove_reader(self._home_fd)
+        except (RuntimeError, OSError, ValueError):
+            pass
+        self._release_fds()
+
+    def _release_fds(self) -> None:
+        if self._ep is not None:
+            self._ep.close()
+        with self._reg_lock:
+            for loop in list(self._watching):
+                try:
+                    loop.call_soon_threadsafe(self._unwatch, loop)
+                except RuntimeError:
+                    self._watching.discard(loop)
+            self._close_deferred = bool(self._watching)
+        if not self._close_deferred:
+            self._close_sock()
 
     def _close_sock(self) -> None:
         with self.send_lock:  # no sender may hold the fd number while it is reused
@@ -447,12 +490,6 @@ class FollowerConnection:
                 self.sock.close()
             except OSError:
                 pass
-
-    def _select(self, timeout: float) -> bool:
-        try:
-            return bool(select.select([self.sock], [], [], timeout)[0])
-        except (OSError, ValueError):
-            return True  # closed under us: the read reports it
 
     def _read_once(self, flags: int) -> None:
         """One recv and the frames it completes (with the read token held)."""
@@ -557,7 +594,7 @@ class FollowerConnection:
             self.fail_pending(lambda: LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer"), internal_too=False)
 
     def abort(self, exc: BaseException) -> None:
-        """Break the connection now; the reader thread reports the loss."""
+        """Break the connection now; whoever reads next reports the loss."""
         if self.lost is None:
             self.lost = exc
         try:
@@ -570,16 +607,21 @@ class FollowerConnection:
 
     def _finish(self, reason: BaseException) -> None:
         """The connection is over (whoever read the end): fail what waits, report
-        the loss once. The background reader closes the socket as it exits."""
+        the loss once. The home loop closes the socket."""
         if self._finished:
             return
         self._finished = True
         if self.lost is None:
             self.lost = reason
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # readable now: the background wakes
+            self.sock.shutdown(socket.SHUT_RDWR)  # readable now: its reader wakes
         except OSError:
             pass
         pid = self.peer_pid
         self.fail_pending(lambda: LeaderLostError(f"the leader (pid {pid}) went away with the call in flight; it may or may not have run"))
         self._on_lost(self, self.lost)
+        try:
+            self._home.call_soon_threadsafe(self._close_home)
+        except RuntimeError:  # connshare's loop is closed: its selector is gone too
+            self._home_closed = True
+            self._release_fds()

@@ -78,18 +78,10 @@ def on_loop_thread() -> bool:
 
 def forbid_loop_thread(what: str) -> None:
     """Raise ConcurrencyError when a blocking call runs on connshare's own thread."""
-    if on_loop_thread() or getattr(_local, "no_blocking", False):
+    if on_loop_thread():
         raise ConcurrencyError(
             f"{what} would block connshare's own thread and deadlock; use the awaitable API (or a coroutine listener) there"
         )
-
-
-_local = threading.local()
-
-
-def mark_no_blocking_thread() -> None:
-    """Mark the current thread (a connshare reader) as one that must never block."""
-    _local.no_blocking = True
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

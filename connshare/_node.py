@@ -282,7 +282,7 @@ class Node:
 
     async def _connect(self) -> tuple[FollowerConnection, list[bytes]]:
         sock, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
-        return FollowerConnection(sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame), early
+        return FollowerConnection(sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame, self.loop), early
 
     # -- leading ---------------------------------------------------------------------------
 
@@ -461,7 +461,7 @@ class Node:
         self._set_route(state, (conn, wire_id))
 
     def _send_subscribe(self, conn: FollowerConnection, state: ChannelState, sub: LocalSub) -> None:
-        def mapped(key_id: int) -> None:  # on the reader thread, before the first EVENT
+        def mapped(key_id: int) -> None:  # in the reader, before the first EVENT
             conn.keys[key_id] = sub
             sub.key_id = key_id
 

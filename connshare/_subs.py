@@ -1,7 +1,7 @@
 """A process's own subscriptions: one per (method, key), however many listeners.
 
 The same :class:`LocalSub` object serves whatever role the process has: the leader's
-channel host delivers into it directly; a follower's reader thread delivers into it
+channel host delivers into it directly; a follower's connection delivers into it
 from the wire. It keeps the last value, so a listener added later gets it at once.
 """
 
@@ -17,6 +17,9 @@ from typing import Any
 import msgpack
 
 from ._loop import get_loop
+
+#: the loop running on this thread, or None (asyncio's own fast check)
+_running_loop = asyncio._get_running_loop
 
 log = logging.getLogger("connshare.subs")
 
@@ -56,7 +59,10 @@ class Listener:
         elif loop.is_closed():
             return
         try:
-            loop.call_soon_threadsafe(self._run, value)
+            if _running_loop() is loop:  # read on that loop: no self-pipe wake-up
+                loop.call_soon(self._run, value)
+            else:
+                loop.call_soon_threadsafe(self._run, value)
         except RuntimeError:  # that loop was closed under us
             pass
 
