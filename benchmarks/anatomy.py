@@ -10,6 +10,11 @@ what a connshare follower call needs, and writes ``results/anatomy.json``:
 * client: a blocking socket that reads its own answer, or a caller that writes
   under a lock while a reader thread reads and wakes it through a lock.
 
+It also times the floor of an event's delivery (``connshare_fanout``): 100 bytes
+pushed every 10 ms to an idle process blocked in ``recv``, received either by that
+thread or handed on to a second one (a reader thread, then a listener's loop).
+Between events every CPU of the receiver idles, and an idle vCPU is slow to wake.
+
 No connshare code runs here: these are the floors connshare's own figures
 (``connshare_call``) compare with. Each figure is the median of ``--runs`` runs,
 the variants interleaved run by run so that machine noise hits all of them alike.
@@ -168,6 +173,59 @@ def one(loop_kind: str, task: bool, client: str, n: int, warmup: int) -> float:
     return samples[len(samples) // 2] / 1000
 
 
+def _push_receiver(port: int, handoff: bool, out: Any) -> None:
+    import queue
+
+    sock = socket.create_connection(("127.0.0.1", port))
+    clock = time.monotonic_ns  # system-wide on Linux: valid across processes
+    lat: list[int] = []
+    q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def consume() -> None:
+        while (t := q.get()) is not None:
+            lat.append(clock() - t)
+
+    th = threading.Thread(target=consume)
+    if handoff:
+        th.start()
+    while (data := _recv_exact(sock, 100)) and data[:1] != b"q":
+        t = int(data[:20])
+        if handoff:
+            q.put(t)
+        else:
+            lat.append(clock() - t)
+    if handoff:
+        q.put(None)
+        th.join()
+    out.put(lat)
+
+
+def idle_push(handoff: bool, n: int = 300, interval_s: float = 0.01) -> tuple[float, float]:
+    """p50 and p99 in µs of one push to an idle receiver."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    listener = socket.create_server(("127.0.0.1", 0))
+    proc = ctx.Process(target=_push_receiver, args=(listener.getsockname()[1], handoff, q), daemon=True)
+    proc.start()
+    try:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        time.sleep(0.3)
+        for _ in range(n):
+            conn.sendall(str(time.monotonic_ns()).rjust(20).encode() + b"x" * 80)
+            time.sleep(interval_s)
+        conn.sendall(b"q" * 100)
+        lat = sorted(q.get(timeout=30)[10:])
+        conn.close()
+    finally:
+        listener.close()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    return lat[len(lat) // 2] / 1000, lat[int(len(lat) * 0.99)] / 1000
+
+
 def variants() -> list[tuple[str, bool, str]]:
     loops = ["asyncio"]
     try:
@@ -191,7 +249,12 @@ def main() -> None:
         for lk, task, client in variants():
             name = f"{lk}, {'task' if task else 'inline'} answer, {client} client"
             runs.setdefault(name, []).append(round(one(lk, task, client, args.n, args.warmup), 1))
-    print("| pair | p50 µs: median (min..max) |\n| --- | --- |")
+        for handoff in (False, True):
+            p50, p99 = idle_push(handoff)
+            name = f"idle push, {'handed to a second thread' if handoff else 'read by the waiting thread'}"
+            runs.setdefault(name + ", p50", []).append(round(p50, 1))
+            runs.setdefault(name + ", p99", []).append(round(p99, 1))
+    print("| pair | µs (p50 unless named): median (min..max) |\n| --- | --- |")
     out: dict[str, Any] = {"host": host_info(), "n": args.n, "runs": args.runs, "p50_us": {}}
     for name, v in runs.items():
         out["p50_us"][name] = {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
