@@ -195,7 +195,6 @@ class FollowerConnection:
             finally:
                 self._here = None
         self._home.add_reader(self._home_fd, self._home_read)
-        self.sock.setblocking(True)  # libuv makes a watched fd non-blocking
 
     # -- sending ------------------------------------------------------------------------
 
