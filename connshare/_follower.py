@@ -75,13 +75,22 @@ class Pending:
     the caller's loop. ``hook`` runs in the reader with the result, before
     any later frame is read (a SUBSCRIBE result must map its key id first)."""
 
-    __slots__ = ("fut", "hook", "internal", "lock", "loop", "ok", "value")
+    __slots__ = ("deadline", "fut", "hook", "internal", "lock", "loop", "ok", "timeout", "value")
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop | None = None, hook: Callable[[Any], None] | None = None, internal: bool = False
+        self,
+        loop: asyncio.AbstractEventLoop | None = None,
+        hook: Callable[[Any], None] | None = None,
+        internal: bool = False,
+        deadline: float | None = None,
+        timeout: float = 0.0,
     ) -> None:
         self.loop = loop
         self.hook = hook
+        #: when an awaited request fails with CallTimeoutError (time.monotonic()),
+        #: and the timeout it was given, for the message
+        self.deadline = deadline
+        self.timeout = timeout
         #: connshare's own request (REGISTER, SUBSCRIBE): a pause of the leader
         #: does not fail it, only the end of the connection does
         self.internal = internal
@@ -173,6 +182,13 @@ class FollowerConnection:
         self._watch_armed = False  # the home loop's look at the role loop is scheduled
         self._home_closed = False
         self._backlog: deque[bytes] = deque()  # frames read, not yet handled
+        #: frames queued by an event loop's turn (_send_in_turn), and that loop
+        self._wbuf = bytearray()
+        self._cork: asyncio.AbstractEventLoop | None = None
+        self._corks = 0  # how many turns have queued; the watchdog spots a stuck one
+        self._corks_seen = -1
+        #: per event loop: the earliest deadline its expiry sweep is set for
+        self._expiry: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
         self._buf = bytearray(256 * 1024)
         self._view = memoryview(self._buf)
         self._fd = sock.fileno()
@@ -198,7 +214,7 @@ class FollowerConnection:
 
     # -- sending ------------------------------------------------------------------------
 
-    def check_usable(self) -> None:
+    def check_usable(self, peek: bool = True) -> None:
         if self.lost is not None:
             raise NotSentError(f"connection to the leader (pid {self.peer_pid}) is lost: {self.lost}")
         if self.unresponsive:
@@ -206,6 +222,8 @@ class FollowerConnection:
         # A dead leader's FIN may sit unread for a moment: a request sent into that
         # socket would fail as "in flight", though it can never have run. One cheap
         # peek tells (EOF reads as b"" for as long as the socket lives).
+        if not peek:
+            return
         try:
             if self.sock.recv(1, _PEEK) == b"":
                 raise NotSentError(f"the leader (pid {self.peer_pid}) closed the connection")
@@ -216,17 +234,58 @@ class FollowerConnection:
 
     def send(self, frame: bytes, timeout: float | None = None) -> None:
         """Write a whole frame, or fail the connection: a half-sent frame would
-        corrupt the stream."""
+        corrupt the stream. Frames an event loop queued go out first, in order."""
         with self.send_lock:
+            self._send_locked(frame, timeout)
+
+    def _send_locked(self, frame: bytes | bytearray, timeout: float | None) -> None:
+        if self._wbuf:
+            self._wbuf += frame
+            frame, self._wbuf = self._wbuf, bytearray()
+        try:
+            n = self.sock.send(frame, _DONTWAIT)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.abort(exc)
+            raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
+        if n < len(frame):
+            self._send_slow(memoryview(frame)[n:], timeout)
+
+    def _send_in_turn(self, frame: bytes, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread, while other requests are in flight: the first frame
+        of a loop turn leaves at once, the rest of that turn's frames together in
+        one send() when the loop comes round (answers to many requests resume many
+        callers in one turn, and each would otherwise pay a send())."""
+        with self.send_lock:
+            if self._cork is loop:
+                self._wbuf += frame
+                return
+            self._send_locked(frame, 1.0)
+            if self._cork is not None:
+                return  # another loop's turn is queueing: its frames left with ours
+            self._cork = loop
+            self._corks += 1
+        loop.call_soon(self._uncork, loop)
+        with self._reg_lock:
+            watch, self._watch_armed = not self._watch_armed, True
+        if watch:
+            self._arm_watch()
+
+    def _uncork(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Send what a loop turn queued (on that loop; or on the home loop for a
+        loop that stalled or closed with frames queued)."""
+        with self.send_lock:
+            if self._cork is not loop:
+                return
+            self._cork = None
+            if not self._wbuf:
+                return
             try:
-                n = self.sock.send(frame, _DONTWAIT)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self.abort(exc)
-                raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
-            if n < len(frame):
-                self._send_slow(memoryview(frame)[n:], timeout)
+                self._send_locked(b"", 1.0)
+            except ConnshareError as exc:
+                # The connection is aborted: the reader fails every request in it.
+                log.debug("sending queued requests failed: %r", exc)
 
     def _send_slow(self, rest: memoryview, timeout: float | None) -> None:
         deadline = time.monotonic() + (timeout if timeout is not None else 10.0)
@@ -302,22 +361,69 @@ class FollowerConnection:
         loop: asyncio.AbstractEventLoop,
         hook: Callable[[Any], None] | None = None,
         internal: bool = False,
+        deadline: float | None = None,
+        timeout: float = 0.0,
     ) -> tuple[int, asyncio.Future]:
-        """Send a request from a coroutine; returns its id and a future on ``loop``."""
-        self.check_usable()
+        """Send a request from a coroutine on ``loop``; returns its id and a future on
+        ``loop``. With ``deadline`` (``time.monotonic()``), the future fails with
+        CallTimeoutError then, unless answered."""
+        busy = bool(self.pending)
+        # A frame queued behind this turn's first one needs no second look at the
+        # socket: the peek was done for the turn.
+        self.check_usable(peek=not (busy and self._cork is loop))
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
-        p = Pending(loop, hook, internal)
+        p = Pending(loop, hook, internal, deadline, timeout)
         self.pending[rid] = p
         if self._role is not loop and loop is not self._home and self._ep is not None:
             self._take_role(loop)
         try:
-            self.send(frame, 1.0)
+            if busy:
+                self._send_in_turn(frame, loop)
+            else:
+                self.send(frame, 1.0)
         except BaseException:
             self.pending.pop(rid, None)
             raise
+        if deadline is not None:
+            self._expire_at(loop, deadline)
         return rid, p.fut  # type: ignore[return-value]
+
+    # -- deadlines of awaited requests ------------------------------------------------------
+    # One timer per event loop, set for the earliest deadline, instead of a timer per
+    # request: arming and cancelling a timer per call cost more than the call's send.
+
+    def _expire_at(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """On ``loop``'s thread: have its sweep run by ``deadline``."""
+        armed = self._expiry.get(loop)
+        if armed is not None:
+            if armed[0] <= deadline:
+                return
+            armed[1].cancel()
+        elif len(self._expiry) > 8:
+            for old in [lp for lp in self._expiry if lp.is_closed()]:
+                del self._expiry[old]
+        handle = loop.call_later(max(deadline - time.monotonic(), 0.0), self._sweep, loop)
+        self._expiry[loop] = (deadline, handle)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Fail ``loop``'s requests past their deadline; set the next sweep."""
+        self._expiry.pop(loop, None)
+        now = time.monotonic()
+        upcoming: float | None = None
+        for rid, p in list(self.pending.items()):
+            if p.loop is not loop or p.deadline is None:
+                continue
+            if p.deadline > now:
+                if upcoming is None or p.deadline < upcoming:
+                    upcoming = p.deadline
+            elif self.pending.pop(rid, None) is p and not p.fut.done():  # type: ignore[union-attr]
+                p.fut.set_exception(  # type: ignore[union-attr]
+                    CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {p.timeout} s")
+                )
+        if upcoming is not None:
+            self._expire_at(loop, upcoming)
 
     # -- an event loop as the reader -------------------------------------------------------
 
@@ -343,10 +449,13 @@ class FollowerConnection:
         finally:
             self._rtoken.release()
         if watch:
-            try:
-                self._home.call_soon_threadsafe(self._watch_tick)
-            except RuntimeError:
-                pass  # connshare's loop is gone: the process is exiting
+            self._arm_watch()
+
+    def _arm_watch(self) -> None:
+        try:
+            self._home.call_soon_threadsafe(self._watch_tick)
+        except RuntimeError:
+            pass  # connshare's loop is gone: the process is exiting
 
     def _loop_read(self, loop: asyncio.AbstractEventLoop) -> None:
         """``loop``'s reader callback: one read, futures of this loop settled here."""
@@ -389,15 +498,23 @@ class FollowerConnection:
             self._close_sock()
 
     def _watch_tick(self) -> None:
-        """On the home loop, every _WATCH_S while a loop has the role: take the role
-        back from a loop that closed, or that leaves data unread (it is blocked by
-        the app's code), so that other callers, events and heartbeats go on."""
+        """On the home loop, every _WATCH_S while a loop has the role or queues
+        frames: send frames a loop queued and then stalled on (or closed), and take
+        the role back from a loop that closed, or that leaves data unread (it is
+        blocked by the app's code), so that other callers, events and heartbeats
+        go on."""
         with self._reg_lock:
             role = self._role
-            if role is None or self._finished:
+            if (role is None and self._cork is None) or self._finished:
                 self._watch_armed = False
                 return
         self._home.call_later(_WATCH_S, self._watch_tick)
+        cork = self._cork
+        if cork is not None and (self._corks == self._corks_seen or cork.is_closed()):
+            self._uncork(cork)
+        self._corks_seen = self._corks
+        if role is None:
+            return
         reading = time.monotonic() - self.last_rx < _STALL_S
         if not role.is_closed() and (reading or not self.has_unread()):
             return  # the loop reads, or is only idle

@@ -94,12 +94,6 @@ class _Attempts:
         return False
 
 
-def _expire(fut: asyncio.Future, conn: FollowerConnection, rid: int, timeout: float) -> None:
-    if not fut.done():
-        conn.forget(rid)
-        fut.set_exception(CallTimeoutError(f"no answer from the leader (pid {conn.peer_pid}) within {timeout} s"))
-
-
 class Node:
     """This process on one port (or in single mode)."""
 
@@ -622,12 +616,12 @@ class Node:
                 return await self._local_async(route, spec.name, args, kwargs, deadline, loop)
             conn, wire_id = route
             try:
-                rid, fut = conn.request_async([MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], loop)
-                handle = loop.call_later(max(deadline - time.monotonic(), 0.0), _expire, fut, conn, rid, timeout)
+                rid, fut = conn.request_async(
+                    [MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], loop, deadline=deadline, timeout=timeout
+                )
                 try:
                     return await fut
                 finally:
-                    handle.cancel()
                     if not fut.done():
                         conn.forget(rid)
             except LeaderLostError as exc:

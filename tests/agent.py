@@ -285,6 +285,47 @@ class Agent:
         self.loop_blocked.wait(10)
         return box["out"]
 
+    def op_acalls_then_block_loop(self, cid: str, method: str, argsets: list, seconds: float) -> None:
+        """Start awaitable calls in one turn of the agent's loop, then block that loop
+        with app code for ``seconds``, in the same turn, before it comes round."""
+        c = self.clients[cid]
+        self.loop_blocked = threading.Event()
+
+        def block() -> None:
+            self.loop_blocked.set()
+            time.sleep(seconds)
+            self.loop_blocked.clear()
+
+        async def go() -> None:
+            # each task's first step (its send) runs next turn
+            self.bg_tasks = [asyncio.ensure_future(getattr(c, method)(*args)) for args in argsets]
+            asyncio.get_running_loop().call_soon(block)  # ...and this, after them
+
+        asyncio.run_coroutine_threadsafe(go(), self.aloop)  # its result waits for block()
+        self.loop_blocked.wait(10)
+
+    def op_acalls_at_once(self, calls: list, wait: float) -> list:
+        """Start awaitable calls ``[cid, method, args]`` together on the agent's loop;
+        after ``wait`` s, each one's ``("ok", result)``, ``("raised", type, seconds)``
+        or ``("pending",)`` (then cancelled)."""
+
+        async def one(cid: str, method: str, args: list) -> tuple:
+            t0 = time.monotonic()
+            try:
+                return ("ok", await getattr(self.clients[cid], method)(*args))
+            except Exception as exc:
+                return ("raised", type(exc).__name__, time.monotonic() - t0)
+
+        async def go() -> list:
+            tasks = [asyncio.ensure_future(one(*c)) for c in calls]
+            await asyncio.wait(tasks, timeout=wait)
+            out = [t.result() if t.done() else ("pending",) for t in tasks]
+            for t in tasks:
+                t.cancel()
+            return out
+
+        return asyncio.run_coroutine_threadsafe(go(), self.aloop).result(wait + 10)
+
     def op_loop_blocked(self) -> bool:
         return self.loop_blocked.is_set()
 

@@ -37,6 +37,7 @@ class KVClient(Base):
         self._waiters: dict[int, Any] = {}
         self._listeners: dict[str, list[Any]] = {}
         self.bumped = 0
+        self.notes: list[Any] = []
         threading.Thread(target=self._read, daemon=True).start()
         self.ready(True)
 
@@ -135,6 +136,14 @@ class KVClient(Base):
 
     def bumps(self) -> int:
         return self.bumped
+
+    async def anote(self, tag: Any) -> Any:
+        """Record that this call reached the leader."""
+        self.notes.append(tag)
+        return tag
+
+    def noted(self) -> list[Any]:
+        return list(self.notes)
 
     def close(self) -> None:
         try:

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import kv_spec
 from tests.harness import wait_until
 
-DELEGATES = ["echo", "aecho", "sleep", "whoami", "emit_then_sleep"]
+DELEGATES = ["echo", "aecho", "asleep", "sleep", "whoami", "emit_then_sleep", "anote", "noted"]
 
 
 def _pair(spawn, port: int, upstream_port: int, **options):
@@ -106,3 +106,37 @@ def test_a_closed_event_loop_leaves_the_connection_working(port, upstream, spawn
     assert result == 1.0
     assert cpu_s < 0.3, f"the caller burned {cpu_s:.2f} s of CPU waiting 1 s for its answer"
     assert follower.call("echo", 5) == 5
+
+
+def test_requests_a_loop_queued_before_it_stalled_still_leave(port, upstream, spawn) -> None:
+    # Calls started in one loop turn leave in one send() when the loop comes round;
+    # a loop blocked by app code in that same turn must not hold them back. No
+    # heartbeats: their sends would carry the queued frames along.
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    follower.request("acalls_then_block_loop", "0", "anote", [[1], [2], [3]], 6.0)
+    assert follower.request("loop_blocked")
+    wait_until(lambda: sorted(leader.call("noted")) == [1, 2, 3], 3, what="every request reached the leader")
+    assert follower.request("loop_blocked"), "the requests waited for the blocked loop"
+    wait_until(lambda: not follower.request("loop_blocked"), 20, what="the loop runs again")
+    assert follower.request("acall", "0", "aecho", [2]) == 2
+
+
+def test_awaited_calls_with_different_timeouts_each_time_out_on_time(port, upstream, spawn) -> None:
+    # One expiry timer per event loop: a later call with an earlier deadline (a
+    # channel with a shorter response_timeout) must bring that timer forward.
+    def specs() -> list:
+        return [
+            kv_spec(port, upstream.port, delegates=DELEGATES, response_timeout=30.0),
+            {**kv_spec(port, upstream.port, delegates=DELEGATES, response_timeout=0.5, name="kv2"), "id": "1"},
+        ]
+
+    a, b = spawn(specs(), specs())
+    for w in (a, b):
+        w.ready()
+        w.ready("1")
+    follower = b if a.role()["is_leader"] else a
+    out = follower.request("acalls_at_once", [["0", "asleep", [20.0]], ["1", "asleep", [20.0]], ["1", "asleep", [0.05]]], 4.0)
+    assert tuple(out[0]) == ("pending",), out
+    assert tuple(out[1][:2]) == ("raised", "CallTimeoutError"), out
+    assert out[1][2] < 3.0, f"the 0.5 s timeout fired after {out[1][2]:.1f} s"
+    assert tuple(out[2]) == ("ok", 0.05), out
