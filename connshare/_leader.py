@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -57,19 +56,6 @@ def _code_for(exc: BaseException) -> int:
         if isinstance(exc, cls):
             return code
     return ErrorCode.RAISED
-
-
-if sys.version_info >= (3, 12):
-
-    def _start_task(coro: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Task:
-        # Eager start: a coroutine that does not suspend (a cache hit, an echo)
-        # finishes here, without a trip round the loop.
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-
-else:
-
-    def _start_task(coro: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Task:
-        return loop.create_task(coro)
 
 
 class PeerProtocol:
@@ -203,6 +189,8 @@ class PeerProtocol:
         except Exception as exc:  # a bug of ours must not take the leader down
             log.exception("leader: handling a frame from %s failed", self.addr)
             self.drop(f"internal error: {exc!r}")
+        finally:
+            self.node.runner.kick()  # the coroutine calls this read brought
 
     # -- sending (any thread) --------------------------------------------------------------
 
@@ -440,9 +428,7 @@ class PeerProtocol:
             except Exception as exc:
                 self._finish(rid, None, exc)
                 return
-            # The task answers as its last step: a done callback would wait for
-            # one more loop turn.
-            _start_task(self._answer(rid, coro), self.loop)
+            self.node.runner.submit(coro, self._finish, rid)
         else:
             self.node.workers.submit(self._run_blocking, rid, fn, args, kwargs)
 
@@ -450,18 +436,6 @@ class PeerProtocol:
         """On a worker thread: run the method, write the answer from here."""
         try:
             value = fn(*args, **kwargs)
-        except BaseException as exc:
-            self._finish(rid, None, exc)
-        else:
-            self._finish(rid, value, None)
-
-    async def _answer(self, rid: int, coro: Any) -> None:
-        """Run a coroutine method and write its answer (a task on the loop)."""
-        try:
-            value = await coro
-        except asyncio.CancelledError:
-            self._finish(rid, None, RuntimeError("the call was cancelled on the leader"))
-            raise
         except BaseException as exc:
             self._finish(rid, None, exc)
         else:

@@ -48,6 +48,7 @@ from ._protocol import (
     MsgType,
 )
 from ._remote import exception_from
+from ._runner import CoroRunner
 from ._secret import load_or_create_secret
 from ._spec import Avail, ChannelState, MethodSpec
 from ._subs import LocalSub, canonical
@@ -116,6 +117,7 @@ class Node:
         self._count_lock = threading.Lock()
         #: every peer reads into this on the loop thread, one at a time
         self.read_buffer = bytearray(256 * 1024)
+        self.runner = CoroRunner(self.loop)  # the leader's coroutine calls
         self._tasks: set[asyncio.Task] = set()
         self._listen_sock: socket.socket | None = None
         self.inflight = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import os
 import socket
@@ -11,6 +12,8 @@ import time
 from typing import Any
 
 from connshare import Base
+
+CALL_VAR: contextvars.ContextVar[Any] = contextvars.ContextVar("call_var", default=None)
 
 
 class AppError(Exception):
@@ -144,6 +147,23 @@ class KVClient(Base):
 
     def noted(self) -> list[Any]:
         return list(self.notes)
+
+    async def acontext(self, value: Any) -> Any:
+        """Set a context variable; what it was before (each call has its own context)."""
+        before = CALL_VAR.get()
+        CALL_VAR.set(value)
+        return before
+
+    async def atimeout(self, wait: float, limit: float) -> str:
+        """asyncio.timeout() around an optional wait, as redis.asyncio does."""
+        try:
+            async with asyncio.timeout(limit):  # type: ignore[attr-defined]
+                task = asyncio.current_task()
+                if wait:
+                    await asyncio.sleep(wait)
+                return "done" if task is asyncio.current_task() is not None else "task changed"
+        except TimeoutError:
+            return "timed out"
 
     def close(self) -> None:
         try:

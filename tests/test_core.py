@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import pytest
@@ -151,6 +152,33 @@ def test_call_timeout_is_a_timeout_error(port, upstream, spawn) -> None:
         with pytest.raises(AgentError) as info:
             w.request("acall", "0", "asleep", [2])
         assert info.value.isa("CallTimeoutError")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
+def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn) -> None:
+    # The leader runs coroutine calls that do not wait without a Task each; what a
+    # method sees must not tell: its own context, a current task, working timeouts.
+    delegates = ["atimeout", "acontext", "asleep", "aecho"]
+    a, b = spawn([kv_spec(port, upstream.port, delegates=delegates)], [kv_spec(port, upstream.port, delegates=delegates)])
+    a.ready()
+    b.ready()
+    follower = b if a.role()["is_leader"] else a
+    out = follower.request(
+        "acalls_at_once",
+        [
+            ["0", "acontext", [1]],
+            ["0", "acontext", [2]],
+            ["0", "atimeout", [0, 0.2]],  # done at once: its timeout must not fire later
+            ["0", "asleep", [0.6]],  # on in the task the timeout above ran in
+            ["0", "atimeout", [5.0, 0.2]],  # times out inside the method
+            ["0", "atimeout", [0.05, 5.0]],
+            ["0", "acontext", [3]],
+            ["0", "aecho", ["after"]],
+        ],
+        10.0,
+    )
+    want = [None, None, "done", 0.6, "timed out", "done", None, "after"]
+    assert [tuple(x) for x in out] == [("ok", w) for w in want]
 
 
 def test_oneway_returns_at_once(port, upstream, spawn) -> None:
