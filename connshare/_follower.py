@@ -187,6 +187,7 @@ class FollowerConnection:
         self._cork: asyncio.AbstractEventLoop | None = None
         self._corks = 0  # how many turns have queued; the watchdog spots a stuck one
         self._corks_seen = -1
+        self._cork_peeked = False  # a request of the queueing turn looked at the socket
         #: per event loop: the earliest deadline its expiry sweep is set for
         self._expiry: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
         self._buf = bytearray(256 * 1024)
@@ -264,13 +265,30 @@ class FollowerConnection:
             self._send_locked(frame, 1.0)
             if self._cork is not None:
                 return  # another loop's turn is queueing: its frames left with ours
-            self._cork = loop
-            self._corks += 1
+            self._cork_locked(loop)
+        self._uncork_later(loop)
+
+    def _cork_locked(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._cork = loop
+        self._corks += 1
+        self._cork_peeked = False
+
+    def _uncork_later(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon(self._uncork, loop)
         with self._reg_lock:
             watch, self._watch_armed = not self._watch_armed, True
         if watch:
             self._arm_watch()
+
+    def _precork(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``, which just settled answers: the callers they resume run next
+        turn, and the requests they make then leave together, in one send() at the
+        end of that turn (the _uncork is queued behind their wake-ups)."""
+        with self.send_lock:
+            if self._cork is not None:
+                return
+            self._cork_locked(loop)
+        self._uncork_later(loop)
 
     def _uncork(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """Send what a loop turn queued (on that loop; or on the home loop for a
@@ -368,9 +386,10 @@ class FollowerConnection:
         ``loop``. With ``deadline`` (``time.monotonic()``), the future fails with
         CallTimeoutError then, unless answered."""
         busy = bool(self.pending)
-        # A frame queued behind this turn's first one needs no second look at the
-        # socket: the peek was done for the turn.
-        self.check_usable(peek=not (busy and self._cork is loop))
+        queued = busy and self._cork is loop
+        # One look at the socket per turn is enough for the frames queued in it.
+        self.check_usable(peek=not (queued and self._cork_peeked))
+        self._cork_peeked = queued
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
@@ -656,6 +675,7 @@ class FollowerConnection:
                 if loop is here:  # the reading loop's own futures: settle in place
                     self._got_mine = True
                     _settle_futs(items)
+                    self._precork(loop)
                 else:
                     _wake(loop, items)
 

@@ -208,6 +208,11 @@ class PeerProtocol:
                 over = len(self._wbuf) > self.options.max_buffered_bytes
                 if not over:
                     self._wbuf += frame
+            elif on_loop and self.node.runner.running:
+                # Answers of the runner's calls leave together when its batch ends.
+                self._wbuf += frame
+                self._corked = True
+                self.node.runner.after_batch(self._uncork)
             else:
                 try:
                     n = self.sock.send(frame)

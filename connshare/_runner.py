@@ -76,6 +76,9 @@ class CoroRunner:
         self.loop = loop
         self._queue: deque[tuple[Coroutine[Any, Any, Any], Done, int]] = deque()
         self._idle = True  # no runner task is taking calls from the queue
+        #: a runner is taking calls (their answers wait for the batch's end)
+        self.running = False
+        self._after: list[Callable[[], None]] = []
         self._tasks: set[asyncio.Task] = set()  # a reference to every live one
 
     def submit(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int) -> None:
@@ -88,6 +91,17 @@ class CoroRunner:
             self._idle = False
             self._spawn()
 
+    def after_batch(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the calls running now are done (on the loop): one send()
+        of a batch's answers per follower."""
+        self._after.append(fn)
+
+    def _end_batch(self) -> None:
+        self.running = False
+        after, self._after = self._after, []
+        for fn in after:
+            fn()
+
     def _spawn(self) -> None:
         task = _start(self._run(), self.loop)
         if not task.done():
@@ -97,6 +111,7 @@ class CoroRunner:
     async def _run(self) -> None:
         queue = self._queue
         runner = True  # until a call keeps this task
+        self.running = True
         try:
             while queue:
                 coro, done, rid = queue.popleft()
@@ -112,6 +127,7 @@ class CoroRunner:
                 # The call waits for something: this task is its own from here on,
                 # and a new runner takes the calls behind it.
                 runner = False
+                self._end_batch()
                 self._idle = True
                 self.kick()
                 try:
@@ -126,5 +142,6 @@ class CoroRunner:
                 return
         finally:
             if runner:  # the queue is empty; or answering failed (a bug): go on
+                self._end_batch()
                 self._idle = True
                 self.kick()
