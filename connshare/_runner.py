@@ -79,7 +79,8 @@ class CoroRunner:
         #: a runner is taking calls (their answers wait for the batch's end)
         self.running = False
         self._after: list[Callable[[], None]] = []
-        self._tasks: set[asyncio.Task] = set()  # a reference to every live one
+        #: tasks kept by a waiting call: what the call waits on may hold them weakly
+        self._tasks: set[asyncio.Task] = set()
 
     def submit(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int) -> None:
         """Queue a call (on the loop); ``kick()`` once the read's calls are queued."""
@@ -103,10 +104,7 @@ class CoroRunner:
             fn()
 
     def _spawn(self) -> None:
-        task = _start(self._run(), self.loop)
-        if not task.done():
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        _start(self._run(), self.loop)  # the loop holds it until it runs
 
     async def _run(self) -> None:
         queue = self._queue
@@ -130,6 +128,8 @@ class CoroRunner:
                 self._end_batch()
                 self._idle = True
                 self.kick()
+                me = asyncio.current_task()
+                self._tasks.add(me)  # type: ignore[arg-type]
                 try:
                     value = await _Resume(coro, ctx, step)
                 except asyncio.CancelledError:
@@ -139,6 +139,8 @@ class CoroRunner:
                     done(rid, None, exc)
                 else:
                     done(rid, value, None)
+                finally:
+                    self._tasks.discard(me)  # type: ignore[arg-type]
                 return
         finally:
             if runner:  # the queue is empty; or answering failed (a bug): go on
