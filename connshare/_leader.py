@@ -77,7 +77,10 @@ class PeerProtocol:
         self.closed = False
         self.channels: dict[int, ChannelHost] = {}
         self.subs: dict[int, tuple[ChannelHost, KeyState]] = {}
-        self.inflight = 0
+        # Requests in flight: those run on the loop (counted there, no lock) and
+        # those run by worker threads (counted under _wlock).
+        self.inflight_loop = 0
+        self.inflight_threads = 0
         self._refused = 0  # requests refused for max_inflight_per_follower
         self._tasks: set[asyncio.Task] = set()  # pending REGISTERs, ended with the peer
         self.last_rx = time.monotonic()
@@ -86,6 +89,10 @@ class PeerProtocol:
         self._hs_timer: asyncio.TimerHandle | None = None
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def inflight(self) -> int:
+        return self.inflight_loop + self.inflight_threads
 
     @property
     def pid(self) -> int | None:
@@ -334,7 +341,7 @@ class PeerProtocol:
             self._publish(wire)
         elif t == MsgType.REGISTER:
             try:
-                self._admit()
+                self._admit(False)
             except LimitExceededError as exc:
                 self._error(wire[1], exc)
                 return
@@ -348,16 +355,20 @@ class PeerProtocol:
         if rid:
             self.send(error_message(rid, exc, _code_for(exc)).to_wire())
 
-    def _admit(self) -> None:
-        """Count one more request in flight, or raise LimitExceededError."""
+    def _admit(self, threaded: bool) -> None:
+        """Count one more request in flight (to run on a worker thread, or on the
+        loop), or raise LimitExceededError."""
         limit = self.options.max_inflight_per_follower
-        if self.inflight >= limit:
+        if self.inflight_loop + self.inflight_threads >= limit:
             self._refused += 1
             if self._refused == 1:
                 log.warning("leader: peer %s (pid %s) has %s requests in flight; refusing more", self.addr, self.pid, limit)
             raise LimitExceededError(f"max_inflight_per_follower={limit} calls in flight")
-        with self._wlock:
-            self.inflight += 1
+        if threaded:
+            with self._wlock:
+                self.inflight_threads += 1
+        else:
+            self.inflight_loop += 1
 
     async def _register(self, rid: int, name: str) -> None:
         # A name nobody hosts waits max_wait_time: it counts as a request in flight.
@@ -367,8 +378,7 @@ class PeerProtocol:
             self._error(rid, exc)
             return
         finally:
-            with self._wlock:
-                self.inflight -= 1
+            self.inflight_loop -= 1
         if self.closed:
             return
         self.channels[host.id] = host
@@ -420,37 +430,53 @@ class PeerProtocol:
             rid = 0
         try:
             fn, spec = self._host(channel).resolve_spec(method)
-            self._admit()
+            threaded = not (spec.is_coro or spec.inline)
+            self._admit(threaded)
         except Exception as exc:
             self._error(rid, exc)
             return
-        self.node.call_started()
-        if spec.inline and not spec.is_coro:
-            self._run_blocking(rid, fn, args, kwargs)  # delegated inline: never blocks
-        elif spec.is_coro:
-            try:
-                coro = fn(*args, **kwargs)
-            except Exception as exc:
-                self._finish(rid, None, exc)
-                return
-            self.node.runner.submit(coro, self._finish, rid)
-        else:
-            self.node.workers.submit(self._run_blocking, rid, fn, args, kwargs)
+        if threaded:
+            self.node.thread_call_started()
+            self.node.workers.submit(self._run_blocking, rid, fn, args, kwargs, self._finish_threaded)
+            return
+        self.node.inflight_loop += 1
+        if not spec.is_coro:
+            self._run_blocking(rid, fn, args, kwargs, self._finish)  # delegated inline: never blocks
+            return
+        try:
+            coro = fn(*args, **kwargs)
+        except Exception as exc:
+            self._finish(rid, None, exc)
+            return
+        self.node.runner.submit(coro, self._finish, rid)
 
-    def _run_blocking(self, rid: int, fn: Any, args: list, kwargs: dict) -> None:
-        """On a worker thread: run the method, write the answer from here."""
+    def _run_blocking(self, rid: int, fn: Any, args: list, kwargs: dict, done: Any) -> None:
+        """On a worker thread (or the loop, for inline methods): run the method,
+        write the answer from here."""
         try:
             value = fn(*args, **kwargs)
         except BaseException as exc:
-            self._finish(rid, None, exc)
+            done(rid, None, exc)
         else:
-            self._finish(rid, value, None)
+            done(rid, value, None)
 
     def _finish(self, rid: int, value: Any, exc: BaseException | None) -> None:
-        """Answer request ``rid`` (from the loop or a worker thread)."""
+        """Answer request ``rid``, which ran on the loop (on the loop)."""
+        self.inflight_loop -= 1
+        node = self.node
+        node.inflight_loop -= 1
+        if node.leaving:
+            node.maybe_drained()
+        self._answer(rid, value, exc)
+
+    def _finish_threaded(self, rid: int, value: Any, exc: BaseException | None) -> None:
+        """Answer request ``rid``, which ran on this worker thread."""
         with self._wlock:
-            self.inflight -= 1
-        self.node.call_done()
+            self.inflight_threads -= 1
+        self.node.thread_call_done()
+        self._answer(rid, value, exc)
+
+    def _answer(self, rid: int, value: Any, exc: BaseException | None) -> None:
         if rid and not self.closed:
             if exc is None:
                 try:

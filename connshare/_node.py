@@ -120,7 +120,10 @@ class Node:
         self.runner = CoroRunner(self.loop)  # the leader's coroutine calls
         self._tasks: set[asyncio.Task] = set()
         self._listen_sock: socket.socket | None = None
-        self.inflight = 0
+        # Followers' calls in flight here: run on the loop (counted there, no
+        # lock), and run by worker threads (under _count_lock).
+        self.inflight_loop = 0
+        self._inflight_threads = 0
         self.leaving = False
         self.closing = False
         self.fatal: BaseException | None = None
@@ -326,14 +329,18 @@ class Node:
             self._workers = WorkerPool(self.options.worker_threads)
         return self._workers
 
-    def call_started(self) -> None:
-        with self._count_lock:
-            self.inflight += 1
+    @property
+    def inflight(self) -> int:
+        return self.inflight_loop + self._inflight_threads
 
-    def call_done(self) -> None:
+    def thread_call_started(self) -> None:
         with self._count_lock:
-            self.inflight -= 1
-            idle = self.inflight == 0
+            self._inflight_threads += 1
+
+    def thread_call_done(self) -> None:
+        with self._count_lock:
+            self._inflight_threads -= 1
+            idle = self._inflight_threads + self.inflight_loop == 0
         if idle and self.leaving:
             self.loop.call_soon_threadsafe(self.maybe_drained)
 
