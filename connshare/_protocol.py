@@ -241,10 +241,12 @@ def check_keys(value: Any) -> None:
         for k, v in value.items():
             if type(k) is not str and type(k) is not bytes:
                 raise EncodeError(f"map keys must be str or bytes, not {type(k).__name__}: {k!r}")
-            check_keys(v)
+            if type(v) not in SCALARS:
+                check_keys(v)
     elif t is list or t is tuple:
         for v in value:
-            check_keys(v)
+            if type(v) not in SCALARS:  # a call per leaf would cost more than the check
+                check_keys(v)
 
 
 SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
@@ -356,22 +358,33 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Bodies of every frame completed by ``data``. Raises FrameTooLargeError."""
+        out: list[bytes] = []
         buf = self._buf
-        buf += data
-        out = []
+        if buf:
+            buf += data
+            pos = self._split(buf, out)
+            if pos:
+                del buf[:pos]
+        else:  # the usual case: frames read straight from ``data``, one copy each
+            pos = self._split(data, out)
+            if pos < len(data):
+                buf += data[pos:]  # a partial frame waits for the rest
+        return out
+
+    def _split(self, src: bytes | bytearray | memoryview, out: list[bytes]) -> int:
+        """Append the bodies of the whole frames at the start of ``src``; returns
+        where the first incomplete one starts."""
         pos = 0
-        end = len(buf)
+        end = len(src)
         while end - pos >= 4:
-            (n,) = HEADER.unpack_from(buf, pos)
+            (n,) = HEADER.unpack_from(src, pos)
             if n > self.max_frame_size:
                 raise FrameTooLargeError(f"peer announced a frame of {n} bytes; max_frame_size={self.max_frame_size}")
             if end - pos - 4 < n:
                 break
-            out.append(bytes(buf[pos + 4 : pos + 4 + n]))
+            out.append(bytes(src[pos + 4 : pos + 4 + n]))
             pos += 4 + n
-        if pos:
-            del buf[:pos]
-        return out
+        return pos
 
     @property
     def buffered(self) -> int:

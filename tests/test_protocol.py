@@ -84,6 +84,18 @@ def test_decoder_handles_any_split() -> None:
             out += dec.feed(stream[i : i + step])
         assert [to_message(codec.unpack(b)) for b in out] == EXAMPLES
         assert dec.buffered == 0
+        # as a connection feeds it: views of one read buffer, overwritten by the
+        # next read (no body may point into it)
+        dec = FrameDecoder()
+        out = []
+        scratch = bytearray(step)
+        for i in range(0, len(stream), step):
+            chunk = stream[i : i + step]
+            scratch[: len(chunk)] = chunk
+            out += dec.feed(memoryview(scratch)[: len(chunk)])
+            scratch[:] = b"\xff" * len(scratch)
+        assert [to_message(codec.unpack(b)) for b in out] == EXAMPLES
+        assert dec.buffered == 0
 
 
 def test_oversized_frame_is_refused_from_its_header() -> None:
