@@ -613,14 +613,13 @@ class Node:
     async def invoke_async(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict, timeout: float) -> Any:
         start = time.monotonic()
         deadline = start + timeout
-        wait_until = min(deadline, start + self.options.max_wait_time)
         loop = asyncio.get_running_loop()
         route = state.route
         stale = None
         attempts: _Attempts | None = None
         while True:
             if route is None or route is stale:
-                route = await self._route_async(state, stale, wait_until)
+                route = await self._route_async(state, stale, min(deadline, start + self.options.max_wait_time))
             if type(route) is ChannelHost:
                 return await self._local_async(route, spec.name, args, kwargs, deadline, loop)
             conn, wire_id = route
