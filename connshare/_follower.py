@@ -675,7 +675,8 @@ class FollowerConnection:
                 if loop is here:  # the reading loop's own futures: settle in place
                     self._got_mine = True
                     _settle_futs(items)
-                    self._precork(loop)
+                    if len(items) > 1 or self.pending:  # not for a lone caller
+                        self._precork(loop)
                 else:
                     _wake(loop, items)
 
