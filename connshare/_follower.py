@@ -420,9 +420,9 @@ class FollowerConnection:
             if armed[0] <= deadline:
                 return
             armed[1].cancel()
-        elif len(self._expiry) > 8:
-            for old in [lp for lp in self._expiry if lp.is_closed()]:
-                del self._expiry[old]
+        elif len(self._expiry) > 8:  # forget loops that closed with a sweep set
+            for old in [lp for lp in list(self._expiry) if lp.is_closed()]:
+                self._expiry.pop(old, None)
         handle = loop.call_later(max(deadline - time.monotonic(), 0.0), self._sweep, loop)
         self._expiry[loop] = (deadline, handle)
 

@@ -219,6 +219,10 @@ class Agent:
         conn = self.clients[cid]._node.conn
         return None if conn is None else id(conn)
 
+    def op_loops_remembered(self, cid: str) -> int:
+        """How many event loops the connection keeps an expiry timer record for."""
+        return len(self.clients[cid]._node.conn._expiry)
+
     def op_call_running(self, name: str) -> bool:
         return self.loopers[name]["thread"].is_alive()
 

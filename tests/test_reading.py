@@ -140,3 +140,13 @@ def test_awaited_calls_with_different_timeouts_each_time_out_on_time(port, upstr
     assert tuple(out[1][:2]) == ("raised", "CallTimeoutError"), out
     assert out[1][2] < 3.0, f"the 0.5 s timeout fired after {out[1][2]:.1f} s"
     assert tuple(out[2]) == ("ok", 0.05), out
+
+
+def test_many_short_lived_event_loops_are_not_remembered(port, upstream, spawn) -> None:
+    # asyncio.run() per request (as async_to_sync does): each loop's awaited call
+    # leaves an expiry timer record; closed loops must not pile up.
+    _leader, follower = _pair(spawn, port, upstream.port)
+    for i in range(15):
+        assert follower.request("acall_on_fresh_loop", "0", "aecho", [i])[0] == i
+    assert follower.request("loops_remembered", "0") <= 10
+    assert follower.call("echo", "still") == "still"
