@@ -12,12 +12,17 @@ few non-numeric extras (``dist`` quantile curves for the plots, error strings).
 from __future__ import annotations
 
 import array
+import contextlib
+import importlib.util
 import math
 import os
+import py_compile
 import secrets
 import signal
 import statistics
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -361,6 +366,51 @@ def _rss(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+@contextlib.contextmanager
+def _bytecode() -> Iterator[None]:
+    """Compile connshare and the bench DataClient into ``__pycache__`` (as an installed
+    package has it) while a worker starts; remove what this wrote afterwards, so that
+    runs importing from source stay that way."""
+    root = Path(__file__).resolve().parent.parent
+    written = []
+    try:
+        for src in [*sorted((root / "connshare").glob("*.py")), root / "benchmarks" / "_dataclient.py"]:
+            cfile = importlib.util.cache_from_source(str(src))
+            if not os.path.exists(cfile):
+                py_compile.compile(str(src), cfile=cfile, doraise=True)
+                written.append(cfile)
+        yield
+    finally:
+        for cfile in written:
+            with contextlib.suppress(OSError):
+                os.remove(cfile)
+
+
+def _measure_worker(
+    w: Agent, out: dict[str, Any], suffix: str, preload: list[str], port: int, secret: str, upstream_port: int, subscriptions: int
+) -> None:
+    before = w.call("preload", modules=preload) if preload else w.call("gc")
+    if before["connshare_loaded"] or before["msgpack_loaded"]:
+        raise RuntimeError(f"the fresh worker has connshare/msgpack loaded already: {before}")
+    rss0 = _rss(w.pid)
+    w.call("import")
+    rss1 = _rss(w.pid)
+    info = w.call("join", JOIN_TIMEOUT, port=port, secret=secret, upstream_port=upstream_port)
+    if info["is_leader"]:
+        raise RuntimeError("the memory worker became the leader")
+    rss2 = _rss(w.pid)
+    subs = w.call("sub_many", 60.0, n=subscriptions, timeout=30.0)
+    time.sleep(0.2)
+    rss3 = _rss(w.pid)
+    out[f"worker_added_mb{suffix}"] = round((rss3 - rss0) / MIB, 2)
+    out[f"worker_import_mb{suffix}"] = round((rss1 - rss0) / MIB, 2)
+    out[f"worker_join_mb{suffix}"] = round((rss2 - rss1) / MIB, 2)
+    out[f"worker_subs_mb{suffix}"] = round((rss3 - rss2) / MIB, 2)
+    out[f"worker_rss_baseline_mb{suffix}"] = round(rss0 / MIB, 2)
+    out[f"worker_subs_live{suffix}"] = subs["keys_seen"]
+    w.stop()
+
+
 def memory(subscriptions: int = 100, calls: int = 1_000_000, chunks: int = 10, followers: int = 3, inflight: int = 100) -> dict[str, Any]:
     """RSS a worker adds by importing connshare and holding a follower client with
     ``subscriptions`` subscriptions; the leader's RSS over ``calls`` calls."""
@@ -369,29 +419,14 @@ def memory(subscriptions: int = 100, calls: int = 1_000_000, chunks: int = 10, f
     with UpstreamServer() as up, AgentSet() as s:
         leader, fs = _leader_and_followers(s, followers, up, port, secret)
         leader.call("invoke", method="start_ticker", args=[None, 20.0, -1])  # every subscribed key
-        # --- a fresh worker: nothing of connshare loaded yet; then one with asyncio loaded
-        for suffix, preload in (("", []), ("_asyncio_preloaded", ["asyncio"])):
-            (w,) = s.spawn(1, tag="mem")
-            before = w.call("preload", modules=preload) if preload else w.call("gc")
-            if before["connshare_loaded"] or before["msgpack_loaded"]:
-                raise RuntimeError(f"the fresh worker has connshare/msgpack loaded already: {before}")
-            rss0 = _rss(w.pid)
-            w.call("import")
-            rss1 = _rss(w.pid)
-            info = w.call("join", JOIN_TIMEOUT, port=port, secret=secret, upstream_port=up.port)
-            if info["is_leader"]:
-                raise RuntimeError("the memory worker became the leader")
-            rss2 = _rss(w.pid)
-            subs = w.call("sub_many", 60.0, n=subscriptions, timeout=30.0)
-            time.sleep(0.2)
-            rss3 = _rss(w.pid)
-            out[f"worker_added_mb{suffix}"] = round((rss3 - rss0) / MIB, 2)
-            out[f"worker_import_mb{suffix}"] = round((rss1 - rss0) / MIB, 2)
-            out[f"worker_join_mb{suffix}"] = round((rss2 - rss1) / MIB, 2)
-            out[f"worker_subs_mb{suffix}"] = round((rss3 - rss2) / MIB, 2)
-            out[f"worker_rss_baseline_mb{suffix}"] = round(rss0 / MIB, 2)
-            out[f"worker_subs_live{suffix}"] = subs["keys_seen"]
-            w.stop()
+        # --- a fresh worker: nothing of connshare loaded yet, connshare's bytecode
+        # compiled, as a pip install leaves it; the same importing from source (the
+        # editable tree, no bytecode written: compiling costs RSS too); one with
+        # asyncio loaded already
+        for suffix, preload, compiled in (("", [], True), ("_from_source", [], False), ("_asyncio_preloaded", ["asyncio"], True)):
+            with _bytecode() if compiled else contextlib.nullcontext():
+                (w,) = s.spawn(1, tag="mem")
+                _measure_worker(w, out, suffix, preload, port, secret, up.port, subscriptions)
             s.discard(w)
         leader.call("invoke", method="stop_ticker")
         # --- the leader under 1,000,000 calls (coroutine and blocking echo mixed)

@@ -338,6 +338,14 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         "<= 12",
         ("le", [12]),
     ),
+    (
+        "RSS added to a worker, MB, importing from source (no bytecode)",
+        ("connshare_memory", ["worker_added_mb_from_source"]),
+        None,
+        None,
+        "",
+        None,
+    ),
     ("Leader RSS growth over 1,000,000 calls, %", ("connshare_memory", ["leader_rss_growth_pct"]), None, None, "<= 5", ("le", [5])),
 ]
 
