@@ -68,6 +68,9 @@ _READ_SLICE_US = 50_000
 #: long data may sit unread under it before the home loop takes the role back
 _WATCH_S = 0.25
 _STALL_S = 0.5
+#: frames a loop turn queues are sent once they reach this much; each send() then
+#: waits (at most 1 s) for room for one piece, not for the whole burst
+_QUEUE_BYTES = 256 * 1024
 
 
 class Pending:
@@ -261,12 +264,37 @@ class FollowerConnection:
         with self.send_lock:
             if self._cork is loop:
                 self._wbuf += frame
-                return
-            self._send_locked(frame, 1.0)
-            if self._cork is not None:
-                return  # another loop's turn is queueing: its frames left with ours
-            self._cork_locked(loop)
-        self._uncork_later(loop)
+                if len(self._wbuf) < _QUEUE_BYTES:
+                    return
+                self._send_locked(b"", 1.0)  # a burst leaves in bounded pieces
+                burst = True
+            else:
+                self._send_locked(frame, 1.0)
+                if self._cork is not None:
+                    return  # another loop's turn is queueing: its frames left with ours
+                self._cork_locked(loop)
+                burst = False
+        if burst:
+            self._read_between(loop)
+        else:
+            self._uncork_later(loop)
+
+    def _read_between(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``, sending a burst in one turn: read the answers that came
+        meanwhile, if this loop is the reader (the role loop, or connshare's loop
+        when no loop has the role), so that the leader's buffer of answers for us
+        drains while we send (it drops a follower that stops reading)."""
+        if self._role is not (None if loop is self._home else loop) or not self._rtoken.acquire(False):
+            return
+        try:
+            if self._role is (None if loop is self._home else loop) and not self._finished:
+                self._here = loop
+                try:
+                    self._read_once(_DONTWAIT)
+                finally:
+                    self._here = None
+        finally:
+            self._rtoken.release()
 
     def _cork_locked(self, loop: asyncio.AbstractEventLoop) -> None:
         self._cork = loop

@@ -330,6 +330,23 @@ class Agent:
 
         return asyncio.run_coroutine_threadsafe(go(), self.aloop).result(wait + 10)
 
+    def op_acall_burst(self, cid: str, method: str, n: int, size: int) -> dict:
+        """``n`` awaitable calls started in one loop turn, each with its own
+        ``size``-byte payload; how many came back right, and the errors."""
+        c = self.clients[cid]
+
+        async def one(k: int) -> bool:
+            p = f"{k:08d}" + "x" * (size - 8)
+            r = await getattr(c, method)(p)
+            return r == (len(p) if method == "asize" else p)
+
+        async def go() -> dict:
+            res = await asyncio.gather(*(one(k) for k in range(n)), return_exceptions=True)
+            errors = sorted({type(r).__name__ for r in res if isinstance(r, BaseException)})
+            return {"ok": sum(r is True for r in res), "errors": errors}
+
+        return asyncio.run_coroutine_threadsafe(go(), self.aloop).result(120)
+
     def op_loop_blocked(self) -> bool:
         return self.loop_blocked.is_set()
 

@@ -148,6 +148,10 @@ class KVClient(Base):
     def noted(self) -> list[Any]:
         return list(self.notes)
 
+    async def asize(self, payload: str) -> int:
+        """A small answer to a large request."""
+        return len(payload)
+
     async def acontext(self, value: Any) -> Any:
         """Set a context variable; what it was before (each call has its own context)."""
         before = CALL_VAR.get()

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import kv_spec
 from tests.harness import wait_until
 
-DELEGATES = ["echo", "aecho", "asleep", "sleep", "whoami", "emit_then_sleep", "anote", "noted"]
+DELEGATES = ["echo", "aecho", "asize", "asleep", "sleep", "whoami", "emit_then_sleep", "anote", "noted"]
 
 
 def _pair(spawn, port: int, upstream_port: int, **options):
@@ -150,3 +150,13 @@ def test_many_short_lived_event_loops_are_not_remembered(port, upstream, spawn) 
         assert follower.request("acall_on_fresh_loop", "0", "aecho", [i])[0] == i
     assert follower.request("loops_remembered", "0") <= 10
     assert follower.call("echo", "still") == "still"
+
+
+def test_a_burst_of_calls_in_one_loop_turn_all_return(port, upstream, spawn) -> None:
+    # Calls started in one turn are queued together; they must leave in bounded
+    # pieces, with the answers read in between.
+    _leader, follower = _pair(spawn, port, upstream.port)
+    assert follower.request("acall_burst", "0", "asize", 2000, 32768, timeout=150) == {"ok": 2000, "errors": []}
+    # 64 MiB each way: the answers outgrow the leader's max_buffered_bytes (32 MiB)
+    # unless the loop reads them while it is still sending
+    assert follower.request("acall_burst", "0", "aecho", 2000, 32768, timeout=150) == {"ok": 2000, "errors": []}
