@@ -275,26 +275,12 @@ class FollowerConnection:
                 self._cork_locked(loop)
                 burst = False
         if burst:
-            self._read_between(loop)
+            # Read the answers that came meanwhile, if this loop is the reader, so
+            # that the leader's buffer of answers for us drains while we send (it
+            # drops a follower that stops reading).
+            self._read_if_reader(loop, None if loop is self._home else loop)
         else:
             self._uncork_later(loop)
-
-    def _read_between(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On ``loop``, sending a burst in one turn: read the answers that came
-        meanwhile, if this loop is the reader (the role loop, or connshare's loop
-        when no loop has the role), so that the leader's buffer of answers for us
-        drains while we send (it drops a follower that stops reading)."""
-        if self._role is not (None if loop is self._home else loop) or not self._rtoken.acquire(False):
-            return
-        try:
-            if self._role is (None if loop is self._home else loop) and not self._finished:
-                self._here = loop
-                try:
-                    self._read_once(_DONTWAIT)
-                finally:
-                    self._here = None
-        finally:
-            self._rtoken.release()
 
     def _cork_locked(self, loop: asyncio.AbstractEventLoop) -> None:
         self._cork = loop
@@ -610,11 +596,17 @@ class FollowerConnection:
         if self._finished:
             self._close_home()
             return
+        self._read_if_reader(self._home, None)
+
+    def _read_if_reader(self, loop: asyncio.AbstractEventLoop, role: asyncio.AbstractEventLoop | None) -> None:
+        """One read on ``loop``'s thread, if the reader role is ``role`` (None:
+        connshare's loop reads) and nobody else is reading now (they disarm us, or
+        are about to)."""
         if not self._rtoken.acquire(False):
-            return  # someone else reads now (and disarms us, or is about to)
+            return
         try:
-            if self._role is None and not self._finished:
-                self._here = self._home
+            if self._role is role and not self._finished:
+                self._here = loop
                 try:
                     self._read_once(_DONTWAIT)
                 finally:
