@@ -35,6 +35,7 @@ import logging
 import select
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -59,6 +60,9 @@ log = logging.getLogger("connshare.follower")
 
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 _PEEK = socket.MSG_PEEK | _DONTWAIT
+#: Linux: the first byte of TCP_INFO is the connection's state (1: established)
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_ESTABLISHED = b"\x01"
 _EPOLL = getattr(select, "epoll", None)
 _EPOLLIN = getattr(select, "EPOLLIN", 0)
 #: a caller reading its own answer wakes this often to check its deadline and the
@@ -187,10 +191,12 @@ class FollowerConnection:
         self._backlog: deque[bytes] = deque()  # frames read, not yet handled
         #: frames queued by an event loop's turn (_send_in_turn), and that loop
         self._wbuf = bytearray()
+        self._wrids: list[int] = []  # the requests whose frames wait in _wbuf
+        #: requests whose frames a failed send() never wrote: they fail as not sent
+        self._unsent: set[int] = set()
         self._cork: asyncio.AbstractEventLoop | None = None
         self._corks = 0  # how many turns have queued; the watchdog spots a stuck one
         self._corks_seen = -1
-        self._cork_peeked = False  # a request of the queueing turn looked at the socket
         #: per event loop: the earliest deadline its expiry sweep is set for
         self._expiry: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
         self._buf = bytearray(256 * 1024)
@@ -223,10 +229,24 @@ class FollowerConnection:
             raise NotSentError(f"connection to the leader (pid {self.peer_pid}) is lost: {self.lost}")
         if self.unresponsive:
             raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
-        # A dead leader's FIN may sit unread for a moment: a request sent into that
-        # socket would fail as "in flight", though it can never have run. One cheap
-        # peek tells (EOF reads as b"" for as long as the socket lives).
-        if not peek:
+        if peek:
+            self._check_open()
+
+    def _check_open(self) -> None:
+        """Raise NotSentError if the connection is over, even if nobody has read its
+        end yet: a dead leader's FIN may sit unread for a moment, and a request sent
+        into that socket would fail as "in flight", though it can never have run.
+        On Linux the TCP state tells, even with answers still unread ahead of the
+        FIN; elsewhere a peek (EOF reads as b"" once nothing is left ahead of it)."""
+        if self.lost is not None:
+            raise NotSentError(f"connection to the leader (pid {self.peer_pid}) is lost: {self.lost}")
+        if _TCP_INFO is not None:
+            try:
+                state = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+            except OSError as exc:
+                raise NotSentError(f"connection to the leader (pid {self.peer_pid}) broke: {exc}") from exc
+            if state != _ESTABLISHED:
+                raise NotSentError(f"the leader (pid {self.peer_pid}) closed the connection")
             return
         try:
             if self.sock.recv(1, _PEEK) == b"":
@@ -243,20 +263,23 @@ class FollowerConnection:
             self._send_locked(frame, timeout)
 
     def _send_locked(self, frame: bytes | bytearray, timeout: float | None) -> None:
+        taken: list[int] = []
         if self._wbuf:
             self._wbuf += frame
             frame, self._wbuf = self._wbuf, bytearray()
+            taken, self._wrids = self._wrids, []
         try:
             n = self.sock.send(frame, _DONTWAIT)
         except BlockingIOError:
             n = 0
         except OSError as exc:
+            self._unsent.update(taken)  # not a byte left: none of them can run
             self.abort(exc)
             raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
         if n < len(frame):
             self._send_slow(memoryview(frame)[n:], timeout)
 
-    def _send_in_turn(self, frame: bytes, loop: asyncio.AbstractEventLoop) -> None:
+    def _send_in_turn(self, frame: bytes, loop: asyncio.AbstractEventLoop, rid: int) -> None:
         """On ``loop``'s thread, while other requests are in flight: the first frame
         of a loop turn leaves at once, the rest of that turn's frames together in
         one send() when the loop comes round (answers to many requests resume many
@@ -264,9 +287,10 @@ class FollowerConnection:
         with self.send_lock:
             if self._cork is loop:
                 self._wbuf += frame
+                self._wrids.append(rid)
                 if len(self._wbuf) < _QUEUE_BYTES:
                     return
-                self._send_locked(b"", 1.0)  # a burst leaves in bounded pieces
+                self._flush_locked()  # a burst leaves in bounded pieces
                 burst = True
             else:
                 self._send_locked(frame, 1.0)
@@ -285,7 +309,16 @@ class FollowerConnection:
     def _cork_locked(self, loop: asyncio.AbstractEventLoop) -> None:
         self._cork = loop
         self._corks += 1
-        self._cork_peeked = False
+
+    def _flush_locked(self) -> None:
+        """Send the frames a loop turn queued, unless the connection is over: they
+        never left then, and fail as NotSentError (safe to send again)."""
+        try:
+            self._check_open()
+        except NotSentError as exc:
+            self.abort(exc)  # whoever reads the end fails them, as not sent
+            raise
+        self._send_locked(b"", 1.0)
 
     def _uncork_later(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon(self._uncork, loop)
@@ -314,7 +347,7 @@ class FollowerConnection:
             if not self._wbuf:
                 return
             try:
-                self._send_locked(b"", 1.0)
+                self._flush_locked()
             except ConnshareError as exc:
                 # The connection is aborted: the reader fails every request in it.
                 log.debug("sending queued requests failed: %r", exc)
@@ -400,10 +433,8 @@ class FollowerConnection:
         ``loop``. With ``deadline`` (``time.monotonic()``), the future fails with
         CallTimeoutError then, unless answered."""
         busy = bool(self.pending)
-        queued = busy and self._cork is loop
-        # One look at the socket per turn is enough for the frames queued in it.
-        self.check_usable(peek=not (queued and self._cork_peeked))
-        self._cork_peeked = queued
+        # A queued frame is looked at when its queue is sent (_flush_locked).
+        self.check_usable(peek=not (busy and self._cork is loop))
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
@@ -413,7 +444,7 @@ class FollowerConnection:
             self._take_role(loop)
         try:
             if busy:
-                self._send_in_turn(frame, loop)
+                self._send_in_turn(frame, loop, rid)
             else:
                 self.send(frame, 1.0)
         except BaseException:
@@ -732,15 +763,15 @@ class FollowerConnection:
 
     # -- ending --------------------------------------------------------------------------
 
-    def fail_pending(self, exc_factory: Callable[[], BaseException], internal_too: bool = True) -> None:
+    def fail_pending(self, exc_factory: Callable[[int], BaseException], internal_too: bool = True) -> None:
         if internal_too:
             failed, self.pending = self.pending, {}
         else:
             failed = {rid: p for rid, p in list(self.pending.items()) if not p.internal}
             for rid in failed:
                 self.pending.pop(rid, None)
-        for p in failed.values():
-            p.settle(False, exc_factory())
+        for rid, p in failed.items():
+            p.settle(False, exc_factory(rid))
 
     def mark_unresponsive(self) -> None:
         if not self.unresponsive:
@@ -748,7 +779,7 @@ class FollowerConnection:
             log.warning("the leader (pid %s) stopped answering heartbeats", self.peer_pid)
             # The app's calls fail fast; connshare's own REGISTER/SUBSCRIBE wait for
             # the leader to wake or the connection to end (then they are redone).
-            self.fail_pending(lambda: LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer"), internal_too=False)
+            self.fail_pending(lambda _rid: LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer"), internal_too=False)
 
     def abort(self, exc: BaseException) -> None:
         """Break the connection now; whoever reads next reports the loss."""
@@ -774,8 +805,17 @@ class FollowerConnection:
             self.sock.shutdown(socket.SHUT_RDWR)  # readable now: its reader wakes
         except OSError:
             pass
+        with self.send_lock:  # what still waits to be sent never will be
+            unsent = self._unsent.union(self._wrids)
+            self._wbuf, self._wrids, self._unsent = bytearray(), [], set()
         pid = self.peer_pid
-        self.fail_pending(lambda: LeaderLostError(f"the leader (pid {pid}) went away with the call in flight; it may or may not have run"))
+
+        def error(rid: int) -> BaseException:
+            if rid in unsent:
+                return NotSentError(f"the connection to the leader (pid {pid}) ended before the request was sent")
+            return LeaderLostError(f"the leader (pid {pid}) went away with the call in flight; it may or may not have run")
+
+        self.fail_pending(error)
         self._on_lost(self, self.lost)
         try:
             self._home.call_soon_threadsafe(self._close_home)

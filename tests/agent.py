@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import signal
 import threading
 import time
 import traceback
@@ -307,6 +308,33 @@ class Agent:
 
         asyncio.run_coroutine_threadsafe(go(), self.aloop)  # its result waits for block()
         self.loop_blocked.wait(10)
+
+    def op_acalls_then_kill_leader(self, cid: str, method: str, argsets: list, wait: float) -> list:
+        """Start awaitable calls in one turn of the agent's loop; in that same turn,
+        SIGKILL the leader and hold the loop until connshare has moved to another
+        leader. Each call's ``("ok", result)``, ``("raised", type)`` or ``("pending",)``."""
+        c = self.clients[cid]
+
+        def kill() -> None:
+            old = c.leader_pid
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 10.0
+            while c.leader_pid == old and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+        async def one(args: list) -> tuple:
+            try:
+                return ("ok", await getattr(c, method)(*args))
+            except Exception as exc:
+                return ("raised", type(exc).__name__)
+
+        async def go() -> list:
+            tasks = [asyncio.ensure_future(one(a)) for a in argsets]
+            asyncio.get_running_loop().call_soon(kill)  # after their first steps, same turn
+            await asyncio.wait(tasks, timeout=wait)
+            return [t.result() if t.done() else ("pending",) for t in tasks]
+
+        return asyncio.run_coroutine_threadsafe(go(), self.aloop).result(wait + 20)
 
     def op_acalls_at_once(self, calls: list, wait: float) -> list:
         """Start awaitable calls ``[cid, method, args]`` together on the agent's loop;

@@ -108,6 +108,22 @@ def test_a_closed_event_loop_leaves_the_connection_working(port, upstream, spawn
     assert follower.call("echo", 5) == 5
 
 
+def test_requests_queued_when_the_leader_dies_are_sent_to_the_next(port, upstream, spawn) -> None:
+    # Calls 1 and 2 leave at once; 3 to 5 wait in the loop turn's queue, which the
+    # leader's death cuts short. Those never left, so they must fail as not sent
+    # and go to the next leader (this process), not as "in flight, may have run"
+    # (anote is not idempotent, so that error would reach the app).
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    out = follower.request("acalls_then_kill_leader", "0", "anote", [[1], [2], [3], [4], [5]], 15.0)
+    leader.stop()  # reap it: the follower killed it
+    for got, tag in zip(out[:2], (1, 2), strict=True):
+        assert tuple(got) in (("ok", tag), ("raised", "LeaderLostError")), out
+    assert [tuple(x) for x in out[2:]] == [("ok", 3), ("ok", 4), ("ok", 5)], out
+    assert follower.role()["is_leader"]
+    noted = follower.call("noted")
+    assert {3, 4, 5} <= set(noted) and 1 not in noted, noted
+
+
 def test_requests_a_loop_queued_before_it_stalled_still_leave(port, upstream, spawn) -> None:
     # Calls started in one loop turn leave in one send() when the loop comes round;
     # a loop blocked by app code in that same turn must not hold them back. No
