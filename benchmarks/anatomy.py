@@ -14,6 +14,12 @@ It also times the floor of an event's delivery (``connshare_fanout``): 100 bytes
 pushed every 10 ms to an idle process blocked in ``recv``, received either by that
 thread or handed on to a second one (a reader thread, then a listener's loop).
 Between events every CPU of the receiver idles, and an idle vCPU is slow to wake.
+The same push sent to 3 receivers in turn, stamped once, is the floor of a fan-out
+to 3 followers.
+
+Last, the floor under ``connshare_failover``: how long the kernel takes to end a
+SIGKILLed process of a leader's size (30 MB, a few threads) before a peer reads
+EOF, and before its port can be bound again. No follower can notice sooner.
 
 No connshare code runs here: these are the floors connshare's own figures
 (``connshare_call``) compare with. Each figure is the median of ``--runs`` runs,
@@ -26,6 +32,8 @@ import _thread
 import argparse
 import json
 import multiprocessing as mp
+import os
+import signal
 import socket
 import statistics
 import struct
@@ -127,7 +135,10 @@ def _client_reader_thread(sock: socket.socket, n: int) -> list[int]:
     def reader() -> None:
         buf = bytearray(65536)
         while True:
-            k = sock.recv_into(buf)
+            try:
+                k = sock.recv_into(buf)
+            except OSError:  # the caller closed the socket when it was done
+                return
             if not k:
                 return
             for wire in _frames(bytes(buf[:k])):
@@ -200,30 +211,105 @@ def _push_receiver(port: int, handoff: bool, out: Any) -> None:
     out.put(lat)
 
 
-def idle_push(handoff: bool, n: int = 300, interval_s: float = 0.01) -> tuple[float, float]:
-    """p50 and p99 in µs of one push to an idle receiver."""
+def idle_push(handoff: bool, n: int = 300, interval_s: float = 0.01, receivers: int = 1) -> tuple[float, float]:
+    """p50 and p99 in µs of one push to idle receivers: each event is stamped once,
+    then sent to every receiver in turn (as a leader fans out), over all of them."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     listener = socket.create_server(("127.0.0.1", 0))
-    proc = ctx.Process(target=_push_receiver, args=(listener.getsockname()[1], handoff, q), daemon=True)
-    proc.start()
+    port = listener.getsockname()[1]
+    procs = [ctx.Process(target=_push_receiver, args=(port, handoff, q), daemon=True) for _ in range(receivers)]
+    conns: list[socket.socket] = []
     try:
-        conn, _ = listener.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for proc in procs:
+            proc.start()
+        for _ in procs:
+            conn, _ = listener.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conns.append(conn)
         time.sleep(0.3)
         for _ in range(n):
-            conn.sendall(str(time.monotonic_ns()).rjust(20).encode() + b"x" * 80)
+            msg = str(time.monotonic_ns()).rjust(20).encode() + b"x" * 80
+            for conn in conns:
+                conn.sendall(msg)
             time.sleep(interval_s)
-        conn.sendall(b"q" * 100)
-        lat = sorted(q.get(timeout=30)[10:])
-        conn.close()
+        for conn in conns:
+            conn.sendall(b"q" * 100)
+        lat = sorted(x for _ in procs for x in q.get(timeout=30)[10:])
     finally:
+        for conn in conns:
+            conn.close()
         listener.close()
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
     return lat[len(lat) // 2] / 1000, lat[int(len(lat) * 0.99)] / 1000
+
+
+def _doomed(port: int, mb: int, threads: int, ready: Any) -> None:
+    """A stand-in leader: listens on ``port``, accepts, holds ``mb`` of touched
+    memory and ``threads`` idle threads, and waits to be killed."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(64)
+    ballast = bytearray(mb * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
+    for _ in range(threads):
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+    ready.put(True)
+    conns = []
+    while True:
+        conns.append(ls.accept()[0])
+
+
+def kill_floor(trials: int = 10, mb: int = 30, threads: int = 3) -> dict[str, float]:
+    """What the kernel takes to end a SIGKILLed process of ``mb`` MB (a leader's
+    size here) before anyone can notice: ms from the kill to its peer reading EOF,
+    and to the port being free to bind again. Medians and maxima over ``trials``."""
+    ctx = mp.get_context("spawn")
+    eof: list[float] = []
+    free: list[float] = []
+    for _ in range(trials):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        ready = ctx.Queue()
+        proc = ctx.Process(target=_doomed, args=(port, mb, threads, ready), daemon=True)
+        proc.start()
+        try:
+            ready.get(timeout=30)
+            peer = socket.create_connection(("127.0.0.1", port))
+            time.sleep(0.05)
+            t0 = time.monotonic_ns()
+            os.kill(proc.pid, signal.SIGKILL)
+            peer.recv(1)
+            eof.append((time.monotonic_ns() - t0) / 1e6)
+            while True:  # no sleep: the time it becomes free is what is measured
+                s = socket.socket()
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind(("127.0.0.1", port))
+                    s.listen(1)
+                    free.append((time.monotonic_ns() - t0) / 1e6)
+                    break
+                except OSError:
+                    pass
+                finally:
+                    s.close()
+            peer.close()
+        finally:
+            proc.join(10)
+    return {
+        "eof_median_ms": round(statistics.median(eof), 2),
+        "eof_max_ms": round(max(eof), 2),
+        "port_free_median_ms": round(statistics.median(free), 2),
+        "port_free_max_ms": round(max(free), 2),
+    }
 
 
 def variants() -> list[tuple[str, bool, str]]:
@@ -249,12 +335,16 @@ def main() -> None:
         for lk, task, client in variants():
             name = f"{lk}, {'task' if task else 'inline'} answer, {client} client"
             runs.setdefault(name, []).append(round(one(lk, task, client, args.n, args.warmup), 1))
-        for handoff in (False, True):
-            p50, p99 = idle_push(handoff)
+        for handoff, receivers in ((False, 1), (True, 1), (False, 3)):
+            p50, p99 = idle_push(handoff, receivers=receivers)
             name = f"idle push, {'handed to a second thread' if handoff else 'read by the waiting thread'}"
+            if receivers > 1:
+                name = f"idle push to {receivers} receivers in turn, read by the waiting thread"
             runs.setdefault(name + ", p50", []).append(round(p50, 1))
             runs.setdefault(name + ", p99", []).append(round(p99, 1))
-    print("| pair | µs (p50 unless named): median (min..max) |\n| --- | --- |")
+        for name, v in kill_floor().items():
+            runs.setdefault(f"SIGKILL of a 30 MB process, {name}", []).append(v)
+    print("| pair | µs, p50 unless named (ms where named): median (min..max) |\n| --- | --- |")
     out: dict[str, Any] = {"host": host_info(), "n": args.n, "runs": args.runs, "p50_us": {}}
     for name, v in runs.items():
         out["p50_us"][name] = {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
