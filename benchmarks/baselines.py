@@ -7,6 +7,12 @@
   processes" alternative.
 * ``direct_call``: a plain in-process method call, i.e. what the leader's own calls
   could cost at best.
+* ``fanout_floor``: 100 bytes stamped once and sent to 3 idle processes in turn,
+  each blocked in ``recv``: what a leader's fan-out to 3 followers costs at best
+  (from ``benchmarks.anatomy``).
+* ``failover_floor``: SIGKILL of a 30 MB process with a few threads (a leader's
+  size) until its peer reads EOF and its port can be bound again: the time no
+  follower can beat (from ``benchmarks.anatomy``).
 
 Run all of them, several times, and merge the results into
 ``benchmarks/results/latest.json``::
@@ -37,6 +43,7 @@ from benchmarks._common import (
     recv_exact,
     summarize_all,
 )
+from benchmarks.anatomy import idle_push, kill_floor
 
 PAYLOAD = "x" * 100
 PAYLOAD_BYTES = PAYLOAD.encode()
@@ -291,6 +298,17 @@ def direct_call(n: int = 200000) -> dict[str, Any]:
     }
 
 
+def fanout_floor(receivers: int = 3, events: int = 1000, interval_ms: float = 10.0) -> dict[str, Any]:
+    """Delivery µs p50 / p99 of one event to ``receivers`` idle processes in turn."""
+    p50, p99 = idle_push(False, n=events, interval_s=interval_ms / 1000.0, receivers=receivers)
+    return {"receivers": receivers, "events": events, "p50_us": round(p50, 1), "p99_us": round(p99, 1)}
+
+
+def failover_floor(trials: int = 10, mb: int = 30, threads: int = 3) -> dict[str, Any]:
+    """ms from SIGKILL of an ``mb`` MB process to its peer's EOF and to its port being free."""
+    return {"trials": trials, "mb": mb, **kill_floor(trials, mb, threads)}
+
+
 # --------------------------------------------------------------------------- driver
 
 FULL: dict[str, dict[str, int]] = {
@@ -298,24 +316,32 @@ FULL: dict[str, dict[str, int]] = {
     "basemanager_echo": {"n": 20000, "warmup": 1000},
     "basemanager_throughput": {"followers": 3, "threads": 8, "calls": 24000},
     "direct_call": {"n": 200000},
+    "fanout_floor": {"receivers": 3, "events": 1000},
+    "failover_floor": {"trials": 10},
 }
 QUICK: dict[str, dict[str, int]] = {
     "raw_pingpong": {"n": 5000, "warmup": 500},
     "basemanager_echo": {"n": 3000, "warmup": 300},
     "basemanager_throughput": {"followers": 3, "threads": 8, "calls": 4800},
     "direct_call": {"n": 50000},
+    "fanout_floor": {"receivers": 3, "events": 50},
+    "failover_floor": {"trials": 3},
 }
 WORKLOADS: dict[str, Callable[..., dict[str, Any]]] = {
     "raw_pingpong": raw_pingpong,
     "basemanager_echo": basemanager_echo,
     "basemanager_throughput": basemanager_throughput,
     "direct_call": direct_call,
+    "fanout_floor": fanout_floor,
+    "failover_floor": failover_floor,
 }
 SHOWN = {
     "raw_pingpong": ["p50_us", "p99_us"],
     "basemanager_echo": ["p50_us", "p99_us"],
     "basemanager_throughput": ["calls_per_s"],
     "direct_call": ["p50_us", "p99_us", "batch_mean_us"],
+    "fanout_floor": ["p50_us", "p99_us"],
+    "failover_floor": ["eof_median_ms", "port_free_median_ms", "port_free_max_ms"],
 }
 
 
