@@ -67,6 +67,9 @@ class Role(enum.Enum):
 
 #: How often a request that never reached a leader is sent again.
 MAX_RESENDS = 3
+#: how often a caller that found its route stale looks again until connshare's loop
+#: has seen the connection's end (a few looks: the loop needs well under a ms)
+_STALE_POLL_S = 0.0005
 
 #: Failures of the connection, not answers of the leader: a subscription that met
 #: one is kept, and sent again to the next connection or leader.
@@ -560,6 +563,12 @@ class Node:
             if route is not None:
                 return route
             forbid_loop_thread("waiting for a connshare leader")
+            if avail.done():
+                # Still the stale route's Avail: nothing signals until connshare's loop
+                # sees the loss and replaces it, so sleep and let that loop run
+                # rather than spin on the GIL it needs.
+                time.sleep(min(wait, _STALE_POLL_S))
+                continue
             try:
                 avail.result(wait)
             except concurrent.futures.TimeoutError:
@@ -571,6 +580,9 @@ class Node:
             route, wait = self._route_or_wait(state, stale, until)
             if route is not None:
                 return route
+            if avail.done():  # as in _route_sync: poll, do not spin
+                await asyncio.sleep(min(wait, _STALE_POLL_S))
+                continue
             try:
                 await asyncio.wait_for(asyncio.wrap_future(avail), wait)
             except asyncio.TimeoutError:

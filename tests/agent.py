@@ -156,6 +156,21 @@ class Agent:
 
         c.subscribe(reg, listener)
 
+    def op_subscribe_sleeper(self, cid: str, reg: Any, seconds: float) -> None:
+        """A listener on connshare's thread that blocks it for ``seconds`` the first
+        time the value is ``"block"``; ``loop_blocked`` tells while it does."""
+        self.loop_blocked = threading.Event()
+        blocked_once: list[bool] = []
+
+        def listener(value: Any) -> None:
+            if value.get("value") == "block" and not blocked_once:
+                blocked_once.append(True)
+                self.loop_blocked.set()
+                time.sleep(seconds)
+                self.loop_blocked.clear()
+
+        self.clients[cid].subscribe(reg, listener)
+
     def op_unsubscribe(self, cid: str, reg: Any) -> None:
         self.clients[cid].unsubscribe(reg)
 

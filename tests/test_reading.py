@@ -124,6 +124,22 @@ def test_requests_queued_when_the_leader_dies_are_sent_to_the_next(port, upstrea
     assert {3, 4, 5} <= set(noted) and 1 not in noted, noted
 
 
+def test_a_caller_waits_for_connshare_to_see_the_leader_go_without_spinning(port, upstream, spawn) -> None:
+    # The caller sees the dead leader's end before connshare's loop does (held up
+    # here by a slow listener), so its route is stale until that loop moves on. It
+    # must wait without burning the CPU and the GIL that loop needs.
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    follower.request("subscribe_sleeper", "0", {"key": "slow"}, 1.5)
+    upstream.set("slow", "block")
+    wait_until(lambda: follower.request("loop_blocked"), what="connshare's loop to run the slow listener")
+    leader.stop()  # SIGKILL, reaped
+    result, cpu_s = follower.request("cpu_call", "0", "echo", [5])
+    assert result == 5
+    assert not follower.request("loop_blocked"), "the call returned before connshare's loop was free"
+    assert cpu_s < 0.3, f"the caller burned {cpu_s:.2f} s of CPU waiting for the next leader"
+    assert follower.role()["is_leader"]
+
+
 def test_requests_a_loop_queued_before_it_stalled_still_leave(port, upstream, spawn) -> None:
     # Calls started in one loop turn leave in one send() when the loop comes round;
     # a loop blocked by app code in that same turn must not hold them back. No
