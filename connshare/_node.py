@@ -68,8 +68,9 @@ class Role(enum.Enum):
 #: How often a request that never reached a leader is sent again.
 MAX_RESENDS = 3
 #: how often a caller that found its route stale looks again until connshare's loop
-#: has seen the connection's end (a few looks: the loop needs well under a ms)
-_STALE_POLL_S = 0.0005
+#: has seen the connection's end: first after 0.5 ms (the loop needs well under a ms),
+#: backing off to 20 ms while that loop is held up (a slow listener)
+_STALE_POLL_S = (0.0005, 0.02)
 
 #: Failures of the connection, not answers of the leader: a subscription that met
 #: one is kept, and sent again to the next connection or leader.
@@ -557,6 +558,7 @@ class Node:
         return None, min(left, 0.05) if stale is not None else left
 
     def _route_sync(self, state: ChannelState, stale: Any, until: float) -> Any:
+        poll = _STALE_POLL_S[0]
         while True:
             avail = state.avail  # before the check: a route set after it completes this one
             route, wait = self._route_or_wait(state, stale, until)
@@ -567,7 +569,8 @@ class Node:
                 # Still the stale route's Avail: nothing signals until connshare's loop
                 # sees the loss and replaces it, so sleep and let that loop run
                 # rather than spin on the GIL it needs.
-                time.sleep(min(wait, _STALE_POLL_S))
+                time.sleep(min(wait, poll))
+                poll = min(poll * 2, _STALE_POLL_S[1])
                 continue
             try:
                 avail.result(wait)
@@ -575,13 +578,15 @@ class Node:
                 pass
 
     async def _route_async(self, state: ChannelState, stale: Any, until: float) -> Any:
+        poll = _STALE_POLL_S[0]
         while True:
             avail = state.avail
             route, wait = self._route_or_wait(state, stale, until)
             if route is not None:
                 return route
             if avail.done():  # as in _route_sync: poll, do not spin
-                await asyncio.sleep(min(wait, _STALE_POLL_S))
+                await asyncio.sleep(min(wait, poll))
+                poll = min(poll * 2, _STALE_POLL_S[1])
                 continue
             try:
                 await asyncio.wait_for(asyncio.wrap_future(avail), wait)
