@@ -304,6 +304,9 @@ def kill_floor(trials: int = 10, mb: int = 30, threads: int = 3) -> dict[str, fl
             peer.close()
         finally:
             proc.join(10)
+            if proc.is_alive():  # it never got its kill (a failure before it)
+                proc.kill()
+                proc.join(5)
     return {
         "eof_median_ms": round(statistics.median(eof), 2),
         "eof_max_ms": round(max(eof), 2),
