@@ -554,7 +554,8 @@ class Node:
         left = until - time.monotonic()
         if left <= 0:
             raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
-        # While the stale route is still current, poll: it changes without a new Avail.
+        # After a stale route, wait in slices. While it is still current its Avail is
+        # already done and signals nothing, so the callers poll (_STALE_POLL_S).
         return None, min(left, 0.05) if stale is not None else left
 
     def _route_sync(self, state: ChannelState, stale: Any, until: float) -> Any:
