@@ -131,6 +131,65 @@ def test_malformed_bodies_raise_protocol_error(body: bytes, match: str) -> None:
         Codec().unpack(body)
 
 
+def _mutations(wire: list) -> list[list]:
+    """``wire``, and copies with one field swapped for a value of another type,
+    one item more or less, and another message type."""
+    odd = [None, True, False, -1, 0, 7, 2.5, -0.5, "s", b"b", [], [1], {}, {"k": 1}, (1 << 64) - 1, -(1 << 63)]
+    out = [list(wire), wire[:-1], [*wire, 0]]
+    for i in range(len(wire)):
+        for v in odd:
+            w = list(wire)
+            w[i] = v
+            out.append(w)
+    out += [[t, *wire[1:]] for t in MsgType]
+    return out
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        [MsgType.INVOKE, 5, 1, "get", ["k"], {"a": 1}, 0, 10.0],
+        [MsgType.INVOKE, 6, 2, "notify", [], {}, 1, None],
+        [MsgType.INVOKE, 6, 2, "m", [], {}, 0, 3],
+        [MsgType.RESULT, 5, {"x": [1]}],
+        [MsgType.EVENT, 9, None],
+    ],
+)
+def test_the_fast_shape_checks_agree_with_the_general_one(wire: list) -> None:
+    """The hot messages have a quicker check; it must accept and refuse exactly
+    what the check every message type gets does."""
+    from connshare._protocol import _check_shape, check_shape
+
+    for w in _mutations(wire):
+        w = msgpack.unpackb(msgpack.packb(w))  # the types a peer's frame decodes to
+        try:
+            _check_shape(w)
+        except ProtocolError:
+            with pytest.raises(ProtocolError):
+                check_shape(w)
+        else:
+            check_shape(w)
+
+
+def test_every_field_that_carries_app_values_is_checked_for_map_keys() -> None:
+    """A bad key anywhere the app's values go is refused before sending; the
+    fields connshare fills itself are not searched."""
+    from connshare._protocol import _ANY, _DICT, _LIST
+
+    codec = Codec()
+    bad = {1: "int key"}
+    for example in EXAMPLES:
+        wire = example.to_wire()
+        for i, types in enumerate(type(example).SHAPE, 1):
+            if types not in (_ANY, _LIST, _DICT):
+                continue
+            w = list(wire)
+            w[i] = bad if types is _DICT else [bad]
+            with pytest.raises(EncodeError, match="map keys"):
+                codec.pack(w)
+        codec.pack(wire)
+
+
 def test_values_that_cannot_be_encoded_raise_before_sending() -> None:
     codec = Codec()
     with pytest.raises(EncodeError, match="map keys"):
