@@ -81,6 +81,7 @@ class PeerProtocol:
         # those run by worker threads (counted under _wlock).
         self.inflight_loop = 0
         self.inflight_threads = 0
+        self._max_inflight = self.options.max_inflight_per_follower
         self._refused = 0  # requests refused for max_inflight_per_follower
         self._tasks: set[asyncio.Task] = set()  # pending REGISTERs, ended with the peer
         self.last_rx = time.monotonic()
@@ -201,9 +202,12 @@ class PeerProtocol:
 
     # -- sending (any thread) --------------------------------------------------------------
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes, on_loop: bool | None = None) -> None:
+        """Send ``frame`` from any thread (``on_loop``: whether this is the loop's
+        thread, if the caller knows)."""
         over = False
-        on_loop = self.node.on_loop()
+        if on_loop is None:
+            on_loop = self.node.on_loop()
         with self._wlock:
             if self.closed or self.fd < 0:
                 return
@@ -358,7 +362,7 @@ class PeerProtocol:
     def _admit(self, threaded: bool) -> None:
         """Count one more request in flight (to run on a worker thread, or on the
         loop), or raise LimitExceededError."""
-        limit = self.options.max_inflight_per_follower
+        limit = self._max_inflight
         if self.inflight_loop + self.inflight_threads >= limit:
             self._refused += 1
             if self._refused == 1:
@@ -425,11 +429,13 @@ class PeerProtocol:
 
     def _invoke(self, wire: list) -> None:
         _, rid, channel, method, args, kwargs, flags, _timeout = wire
-        oneway = bool(flags & ONEWAY)
-        if oneway:
+        if flags & ONEWAY:
             rid = 0
+        host = self.channels.get(channel)
         try:
-            fn, spec = self._host(channel).resolve_spec(method)
+            if host is None:
+                self._host(channel)  # raises ChannelNotFoundError
+            fn, spec = host.resolve_spec(method)  # type: ignore[union-attr]
             threaded = not (spec.is_coro or spec.inline)
             self._admit(threaded)
         except Exception as exc:
@@ -467,16 +473,24 @@ class PeerProtocol:
         node.inflight_loop -= 1
         if node.leaving:
             node.maybe_drained()
-        self._answer(rid, value, exc)
+        if exc is None and rid and not self.closed:
+            try:  # the usual case, without _answer's frame
+                frame = self.codec.pack([MsgType.RESULT, rid, value])
+            except (EncodeError, FrameTooLargeError) as e:
+                exc = e
+            else:
+                self.write(frame, True)
+                return
+        self._answer(rid, value, exc, True)
 
     def _finish_threaded(self, rid: int, value: Any, exc: BaseException | None) -> None:
         """Answer request ``rid``, which ran on this worker thread."""
         with self._wlock:
             self.inflight_threads -= 1
         self.node.thread_call_done()
-        self._answer(rid, value, exc)
+        self._answer(rid, value, exc, False)
 
-    def _answer(self, rid: int, value: Any, exc: BaseException | None) -> None:
+    def _answer(self, rid: int, value: Any, exc: BaseException | None, on_loop: bool) -> None:
         if rid and not self.closed:
             if exc is None:
                 try:
@@ -484,7 +498,7 @@ class PeerProtocol:
                 except (EncodeError, FrameTooLargeError) as e:
                     exc = e
                 else:
-                    self.write(frame)
+                    self.write(frame, on_loop)
             if exc is not None:
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(repr(exc))
