@@ -30,6 +30,8 @@ from ._host import ChannelHost, KeyState
 from ._protocol import (
     MAX_HANDSHAKE_FRAME,
     ONEWAY,
+    T_INVOKE,
+    T_RESULT,
     ErrorCode,
     FrameDecoder,
     HandshakeState,
@@ -329,7 +331,7 @@ class PeerProtocol:
 
     def _dispatch(self, wire: list) -> None:
         t = wire[0]
-        if t == MsgType.INVOKE:
+        if t == T_INVOKE:
             self._invoke(wire)
         elif t == MsgType.PING:
             self.send([MsgType.PONG, wire[1]])
@@ -437,7 +439,10 @@ class PeerProtocol:
                 self._host(channel)  # raises ChannelNotFoundError
             fn, spec = host.resolve_spec(method)  # type: ignore[union-attr]
             threaded = not (spec.is_coro or spec.inline)
-            self._admit(threaded)
+            if threaded or self.inflight_loop + self.inflight_threads >= self._max_inflight:
+                self._admit(threaded)  # counts it, or refuses it
+            else:
+                self.inflight_loop += 1  # _admit's loop case, inline
         except Exception as exc:
             self._error(rid, exc)
             return
@@ -475,7 +480,7 @@ class PeerProtocol:
             node.maybe_drained()
         if exc is None and rid and not self.closed:
             try:  # the usual case, without _answer's frame
-                frame = self.codec.pack([MsgType.RESULT, rid, value])
+                frame = self.codec.pack([T_RESULT, rid, value])
             except (EncodeError, FrameTooLargeError) as e:
                 exc = e
             else:
