@@ -50,7 +50,7 @@ from ._errors import (
     NotSentError,
     ProtocolError,
 )
-from ._protocol import Codec, Error, FrameDecoder, MsgType
+from ._protocol import T_RESULT, Codec, Error, FrameDecoder, MsgType
 from ._remote import exception_from
 
 if TYPE_CHECKING:
@@ -717,28 +717,42 @@ class FollowerConnection:
         """Handle the frames read so far; those left by an interrupted reader first."""
         backlog = self._backlog
         batch: dict = {}
+        self._settled_here = 0
         try:
             while backlog:
                 self._handle(self.codec.unpack(backlog.popleft()), batch)
         finally:
             here = self._here
+            mine = self._settled_here
             for loop, items in batch.items():
-                if loop is here:  # the reading loop's own futures: settle in place
-                    self._got_mine = True
+                if loop is here:  # errors for the reading loop's own callers
+                    mine += len(items)
                     _settle_futs(items)
-                    if len(items) > 1 or self.pending:  # not for a lone caller
-                        self._precork(loop)
                 else:
                     _wake(loop, items)
+            if mine:  # the reading loop's own callers were answered, in place
+                self._got_mine = True
+                if mine > 1 or self.pending:  # not for a lone caller
+                    self._precork(here)  # type: ignore[arg-type]
+
+    _settled_here = 0
 
     def _handle(self, wire: list, batch: dict | None = None) -> None:
         t = wire[0]
-        if t == MsgType.RESULT:
+        if t == T_RESULT:
             p = self.pending.pop(wire[1], None)
             if p is not None:
                 if p.hook is not None:
                     p.hook(wire[2])
-                p.settle(True, wire[2], batch)
+                fut = p.fut
+                if fut is not None and p.loop is self._here:
+                    # The reading loop's own caller: its wake-up is queued on this
+                    # loop either way, so settle it now.
+                    self._settled_here += 1
+                    if not fut.done():
+                        fut.set_result(wire[2])
+                else:
+                    p.settle(True, wire[2], batch)
         elif t == MsgType.EVENT:
             sub = self.keys.get(wire[1])
             if sub is not None:
