@@ -42,6 +42,7 @@ from ._loop import forbid_loop_thread, get_loop, on_loop_thread
 from ._options import Options
 from ._protocol import (
     ONEWAY,
+    T_INVOKE,
     Codec,
     Error,
     ErrorCode,
@@ -609,7 +610,7 @@ class Node:
             conn, wire_id = route
             try:
                 left = timeout if stale is None else max(deadline - time.monotonic(), 0.0)
-                return conn.request_sync([MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], left)
+                return conn.request_sync([T_INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], left)
             except LeaderLostError as exc:
                 attempts = attempts or _Attempts(spec.idempotent)
                 if not attempts.again(exc):
@@ -643,7 +644,7 @@ class Node:
             conn, wire_id = route
             try:
                 rid, fut = conn.request_async(
-                    [MsgType.INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], loop, deadline=deadline, timeout=timeout
+                    [T_INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], loop, deadline=deadline, timeout=timeout
                 )
                 try:
                     return await fut
