@@ -433,16 +433,10 @@ class PeerProtocol:
         _, rid, channel, method, args, kwargs, flags, _timeout = wire
         if flags & ONEWAY:
             rid = 0
-        host = self.channels.get(channel)
         try:
-            if host is None:
-                self._host(channel)  # raises ChannelNotFoundError
-            fn, spec = host.resolve_spec(method)  # type: ignore[union-attr]
+            fn, spec = self._host(channel).resolve_spec(method)
             threaded = not (spec.is_coro or spec.inline)
-            if threaded or self.inflight_loop + self.inflight_threads >= self._max_inflight:
-                self._admit(threaded)  # counts it, or refuses it
-            else:
-                self.inflight_loop += 1  # _admit's loop case, inline
+            self._admit(threaded)
         except Exception as exc:
             self._error(rid, exc)
             return
@@ -478,14 +472,6 @@ class PeerProtocol:
         node.inflight_loop -= 1
         if node.leaving:
             node.maybe_drained()
-        if exc is None and rid and not self.closed:
-            try:  # the usual case, without _answer's frame
-                frame = self.codec.pack([T_RESULT, rid, value])
-            except (EncodeError, FrameTooLargeError) as e:
-                exc = e
-            else:
-                self.write(frame, True)
-                return
         self._answer(rid, value, exc, True)
 
     def _finish_threaded(self, rid: int, value: Any, exc: BaseException | None) -> None:
@@ -499,7 +485,7 @@ class PeerProtocol:
         if rid and not self.closed:
             if exc is None:
                 try:
-                    frame = self.codec.pack([MsgType.RESULT, rid, value])
+                    frame = self.codec.pack([T_RESULT, rid, value])
                 except (EncodeError, FrameTooLargeError) as e:
                     exc = e
                 else:
