@@ -722,20 +722,29 @@ class FollowerConnection:
             while backlog:
                 self._handle(self.codec.unpack(backlog.popleft()), batch)
         finally:
-            here = self._here
-            mine = self._settled_here
             for loop, items in batch.items():
-                if loop is here:  # errors for the reading loop's own callers
-                    mine += len(items)
-                    _settle_futs(items)
-                else:
-                    _wake(loop, items)
+                _wake(loop, items)
+            mine = self._settled_here
             if mine:  # the reading loop's own callers were answered, in place
                 self._got_mine = True
                 if mine > 1 or self.pending:  # not for a lone caller
-                    self._precork(here)  # type: ignore[arg-type]
+                    self._precork(self._here)  # type: ignore[arg-type]
 
     _settled_here = 0
+
+    def _answer(self, p: Pending, ok: bool, value: Any, batch: dict | None) -> None:
+        """Settle ``p``: in place if the reading loop is its caller's (that caller's
+        wake-up is queued on this loop either way), else through ``batch``."""
+        fut = p.fut
+        if fut is not None and p.loop is self._here:
+            self._settled_here += 1
+            if not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        else:
+            p.settle(ok, value, batch)
 
     def _handle(self, wire: list, batch: dict | None = None) -> None:
         t = wire[0]
@@ -744,15 +753,7 @@ class FollowerConnection:
             if p is not None:
                 if p.hook is not None:
                     p.hook(wire[2])
-                fut = p.fut
-                if fut is not None and p.loop is self._here:
-                    # The reading loop's own caller: its wake-up is queued on this
-                    # loop either way, so settle it now.
-                    self._settled_here += 1
-                    if not fut.done():
-                        fut.set_result(wire[2])
-                else:
-                    p.settle(True, wire[2], batch)
+                self._answer(p, True, wire[2], batch)
         elif t == MsgType.EVENT:
             sub = self.keys.get(wire[1])
             if sub is not None:
@@ -763,7 +764,7 @@ class FollowerConnection:
                 raise ProtocolError(f"the leader closed the connection: {msg.message}")
             p = self.pending.pop(msg.rid, None)
             if p is not None:
-                p.settle(False, exception_from(msg, self.peer_pid), batch)
+                self._answer(p, False, exception_from(msg, self.peer_pid), batch)
         elif t == MsgType.PING:
             self.send(self.codec.pack([MsgType.PONG, wire[1]]), 1.0)
         elif t == MsgType.PONG:
