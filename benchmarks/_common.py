@@ -49,6 +49,7 @@ __all__ = [
     "send_frame",
     "summarize_all",
     "summarize_runs",
+    "write_results",
 ]
 
 
@@ -182,6 +183,14 @@ def record_workload(
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return entry
+
+
+def write_results(filename: str, data: Mapping[str, Any]) -> Path:
+    """Write a tool's own results file (``results/<filename>``) in one piece."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / filename
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
 
 
 # --------------------------------------------------------------------------- sockets

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import _thread
 import argparse
-import json
 import multiprocessing as mp
 import os
 import signal
@@ -43,7 +42,7 @@ from typing import Any
 
 import msgpack
 
-from benchmarks._common import RESULTS_DIR, host_info
+from benchmarks._common import host_info, write_results
 
 HEADER = struct.Struct(">I")
 PAYLOAD = "x" * 100
@@ -353,8 +352,7 @@ def main() -> None:
         out["p50_us"][name] = {"median": statistics.median(v), "min": min(v), "max": max(v), "runs": v}
         print(f"| {name} | {statistics.median(v):.1f} ({min(v):.1f}..{max(v):.1f}) |")
     if not args.no_write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / "anatomy.json").write_text(json.dumps(out, indent=1) + "\n")
+        write_results("anatomy.json", out)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from typing import Any
 
 import msgpack
 
-from benchmarks._common import RESULTS_DIR, free_port, host_info
+from benchmarks._common import free_port, host_info, write_results
 
 HEADER = struct.Struct(">I")
 PAYLOAD = "x" * 100
@@ -95,6 +95,10 @@ def _opcode_tracer() -> tuple[collections.Counter, Any]:
     return counts, call
 
 
+def _save_opcodes(counts: collections.Counter, workdir: Path, requests: int) -> None:
+    (workdir / "opcodes.json").write_text(json.dumps({k: v / requests for k, v in counts.items()}))
+
+
 def _role_leader(port: int, workdir: Path, opcodes: bool, calls: int) -> None:
     from connshare import _loop
 
@@ -108,7 +112,7 @@ def _role_leader(port: int, workdir: Path, opcodes: bool, calls: int) -> None:
     _wait_for(workdir / "stop", 600)
     if opcodes:
         asyncio.run_coroutine_threadsafe(_call(sys.settrace, None), _loop.get_loop()).result()
-        (workdir / "opcodes.json").write_text(json.dumps({k: v / calls for k, v in counts.items()}))
+        _save_opcodes(counts, workdir, calls)
     os._exit(0)  # as a killed leader would: the followers are gone already
 
 
@@ -137,7 +141,7 @@ def _role_follower(port: int, workdir: Path, calls: int, opcodes: bool) -> None:
     asyncio.run(_in_flight(c.aecho, calls))
     sys.settrace(None)
     if opcodes:
-        (workdir / "opcodes.json").write_text(json.dumps({k: v / calls for k, v in counts.items()}))
+        _save_opcodes(counts, workdir, calls)
     c.close()
 
 
@@ -373,8 +377,7 @@ def main() -> None:
             for name, v in sorted(prof.items(), key=lambda kv: -kv[1])[:15]:
                 print(f"  {v:7.1f}  {name}")
     if not args.no_write:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        (RESULTS_DIR / "instructions.json").write_text(json.dumps(out, indent=1) + "\n")
+        write_results("instructions.json", out)
 
 
 if __name__ == "__main__":
