@@ -83,7 +83,6 @@ class PeerProtocol:
         # those run by worker threads (counted under _wlock).
         self.inflight_loop = 0
         self.inflight_threads = 0
-        self._max_inflight = self.options.max_inflight_per_follower
         self._refused = 0  # requests refused for max_inflight_per_follower
         self._tasks: set[asyncio.Task] = set()  # pending REGISTERs, ended with the peer
         self.last_rx = time.monotonic()
@@ -364,7 +363,7 @@ class PeerProtocol:
     def _admit(self, threaded: bool) -> None:
         """Count one more request in flight (to run on a worker thread, or on the
         loop), or raise LimitExceededError."""
-        limit = self._max_inflight
+        limit = self.options.max_inflight_per_follower
         if self.inflight_loop + self.inflight_threads >= limit:
             self._refused += 1
             if self._refused == 1:
