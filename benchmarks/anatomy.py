@@ -35,16 +35,14 @@ import os
 import signal
 import socket
 import statistics
-import struct
 import threading
 import time
 from typing import Any
 
 import msgpack
 
-from benchmarks._common import host_info, write_results
+from benchmarks._common import HEADER, host_info, write_results
 
-HEADER = struct.Struct(">I")
 PAYLOAD = "x" * 100
 
 

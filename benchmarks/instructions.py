@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -45,9 +44,8 @@ from typing import Any
 
 import msgpack
 
-from benchmarks._common import free_port, host_info, write_results
+from benchmarks._common import HEADER, free_port, host_info, write_results
 
-HEADER = struct.Struct(">I")
 PAYLOAD = "x" * 100
 INFLIGHT = 100
 
@@ -263,8 +261,9 @@ def _start_all(procs: list[subprocess.Popen], workdir: Path, joined: int) -> Non
     (workdir / "go").touch()
 
 
-def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False) -> tuple[int, Path]:
-    """One run; ``traced`` is "leader" or "follower". Returns (Ir, workdir)."""
+def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False) -> Any:
+    """One run; ``traced`` is "leader" or "follower". Returns its instruction count
+    (Ir), or with ``opcodes`` its Python opcodes per request by function."""
     workdir = Path(tempfile.mkdtemp(prefix="connshare-ir-"))
     port = free_port()
     env = _env()
@@ -288,9 +287,10 @@ def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False
         (workdir / "stop").touch()
         if procs[0].wait(120) != 0:
             raise RuntimeError("the leader failed")
-        return (0 if opcodes else _ir(workdir)), workdir
+        return json.loads((workdir / "opcodes.json").read_text()) if opcodes else _ir(workdir)
     finally:
         _reap(procs)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def run_minimal(traced: str, calls: int, clients: int) -> int:
@@ -320,20 +320,7 @@ def per_call(measure: Any, low: int, high: int, calls_per_run: int) -> float:
 
 
 def opcode_profile(traced: str, calls: int, followers: int) -> dict[str, float]:
-    _, workdir = run_connshare(traced, calls, followers, opcodes=True)
-    try:
-        return json.loads((workdir / "opcodes.json").read_text())
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _measure_connshare(traced: str, followers: int) -> Any:
-    def measure(calls: int) -> int:
-        ir, workdir = run_connshare(traced, calls, followers)
-        shutil.rmtree(workdir, ignore_errors=True)
-        return ir
-
-    return measure
+    return run_connshare(traced, calls, followers, opcodes=True)
 
 
 def main() -> None:
@@ -359,9 +346,9 @@ def main() -> None:
     low, high = (int(x) for x in args.calls.split(","))
     f = args.followers
     ir = {
-        "leader": per_call(_measure_connshare("leader", f), low, high, f),
+        "leader": per_call(lambda n: run_connshare("leader", n, f), low, high, f),
         "minimal server": per_call(lambda n: run_minimal("server", n, f), low, high, f),
-        "follower": per_call(_measure_connshare("follower", 1), low, high, 1),
+        "follower": per_call(lambda n: run_connshare("follower", n, 1), low, high, 1),
         "minimal client": per_call(lambda n: run_minimal("client", n, 1), low, high, 1),
     }
     print("| process | instructions per call |\n| --- | --- |")
