@@ -122,6 +122,11 @@ class KVClient(Base):
         await asyncio.sleep(seconds)
         return seconds
 
+    async def acancel_self(self) -> str:
+        """Cancel the task this call runs in, and return without waiting."""
+        asyncio.current_task().cancel()  # type: ignore[union-attr]
+        return "cancelled its task"
+
     def emit_then_sleep(self, key: str, value: Any, seconds: float) -> float:
         """An upstream event for ``key`` while this call is still running."""
         for fn in list(self._listeners.get(key, ())):

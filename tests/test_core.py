@@ -181,6 +181,24 @@ def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn) -> No
     assert [tuple(x) for x in out] == [("ok", w) for w in want]
 
 
+def test_a_call_that_cancels_its_task_loses_no_other_call(port, upstream, spawn) -> None:
+    # Calls that do not wait run in a task the leader lends them. A call that
+    # cancels that task must not take down the call the task is handed next (the
+    # first sleep leaves a freshly made task lent to the rest), nor later calls.
+    delegates = ["acancel_self", "asleep", "aecho"]
+    a, b = spawn([kv_spec(port, upstream.port, delegates=delegates)], [kv_spec(port, upstream.port, delegates=delegates)])
+    a.ready()
+    b.ready()
+    follower = b if a.role()["is_leader"] else a
+    calls = [["0", "asleep", [0.05]], ["0", "acancel_self", []], ["0", "asleep", [0.05]], ["0", "aecho", ["after"]]]
+    for _ in range(2):  # the second time, the lent task has been parked a while
+        out = [tuple(x) for x in follower.request("acalls_at_once", calls, 10.0)]
+        assert out[0] == ("ok", 0.05) and out[1] == ("ok", "cancelled its task") and out[3] == ("ok", "after"), out
+        # the sleep handed to the cancelled task fails at once, as a cancelled call
+        assert out[2] == ("ok", 0.05) or (out[2][0] == "raised" and out[2][2] < 5.0), out
+    assert follower.request("acall", "0", "asleep", [0.05]) == 0.05
+
+
 def test_oneway_returns_at_once(port, upstream, spawn) -> None:
     ws = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
     for w in ws:
