@@ -14,7 +14,7 @@ calls behind it, which run once it is, a loop turn later. So a call that suspend
 costs one Task, as it would anyway, and a call that does not costs neither a Task
 nor a loop turn: its answer leaves in the read that brought it. (A runner task per
 read, started eagerly on 3.12+, cost the leader 36 % more instructions per
-sequential call on 3.11, and 8 % more on 3.12.)
+sequential call on 3.11, and 6 % more on 3.12.)
 
 Lending a task takes asyncio's ``_enter_task`` / ``_leave_task``, which every
 asyncio since 3.7 has (its eager tasks use them) but does not document. Without
