@@ -11,6 +11,12 @@ flight per follower, the coroutine echo of the 100-character payload:
   asyncio ``Protocol`` answering inline and an asyncio client with a future per call
   (the prototype the issue's 100,000 calls/s hint was drawn from).
 
+``--sequential`` counts the same processes under the latency workload instead: one
+follower, a blocking caller making one call at a time (``invoke("aecho")``),
+beside the minimal server and a blocking client that reads its own answer. Here
+every call finds the processes idle, so each one pays a full turn of the event
+loop; this is the count that tracks sequential latency.
+
 Each figure is the difference between two runs, ``--calls`` apart, divided by the
 calls between them, so start-up and import cancel out. The leader's count repeats
 to about 0.1 % run to run; a follower's to a few percent, as the size of its
@@ -126,9 +132,16 @@ async def _in_flight(call: Any, calls: int) -> None:
     await asyncio.gather(*[one() for _ in range(INFLIGHT)])
 
 
-def _role_follower(port: int, workdir: Path, calls: int, opcodes: bool) -> None:
+def _role_follower(port: int, workdir: Path, calls: int, opcodes: bool, sequential: bool = False) -> None:
     c = _echo_client(port)
     assert not c.is_leader
+    if sequential:
+        (workdir / f"joined.{os.getpid()}").touch()
+        _wait_for(workdir / "go")
+        for _ in range(calls):
+            c.invoke("aecho", PAYLOAD)
+        c.close()
+        return
     counts, tracer = _opcode_tracer()
     if opcodes:
         asyncio.run(_in_flight(c.aecho, 2000))  # warm: opcodes of first calls differ
@@ -222,6 +235,29 @@ def _role_minimal_client(port: int, workdir: Path, calls: int) -> None:
     asyncio.run(main())
 
 
+def _role_minimal_blocking_client(port: int, workdir: Path, calls: int) -> None:
+    """One call at a time; the caller reads its own answer from a blocking socket."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    (workdir / f"joined.{os.getpid()}").touch()
+    _wait_for(workdir / "go")
+    for rid in range(1, calls + 1):
+        body = msgpack.packb([15, rid, 1, "aecho", [PAYLOAD], {}, 0, None])
+        sock.sendall(HEADER.pack(len(body)) + body)
+        while not _frames_into(buf, sock):
+            pass
+    sock.close()
+
+
+def _frames_into(buf: bytearray, sock: socket.socket) -> list[Any]:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("the minimal server closed the connection")
+    buf += data
+    return _frames(buf)
+
+
 # -- the driver ----------------------------------------------------------------------------
 
 
@@ -261,9 +297,10 @@ def _start_all(procs: list[subprocess.Popen], workdir: Path, joined: int) -> Non
     (workdir / "go").touch()
 
 
-def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False) -> Any:
+def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False, sequential: bool = False) -> Any:
     """One run; ``traced`` is "leader" or "follower". Returns its instruction count
-    (Ir), or with ``opcodes`` its Python opcodes per request by function."""
+    (Ir), or with ``opcodes`` its Python opcodes per request by function;
+    ``sequential``: the follower makes blocking calls one at a time."""
     workdir = Path(tempfile.mkdtemp(prefix="connshare-ir-"))
     port = free_port()
     env = _env()
@@ -275,7 +312,7 @@ def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False
         procs.append(subprocess.Popen(cmd, env=env))
         _wait_for(workdir / "ready", 300)
         for _ in range(followers):
-            cmd = _python("_follower", port, workdir, calls, int(opcodes and traced == "follower"))
+            cmd = _python("_follower", port, workdir, calls, int(opcodes and traced == "follower"), int(sequential))
             if traced == "follower" and not opcodes:
                 cmd = _callgrind(cmd, workdir)
             procs.append(subprocess.Popen(cmd, env=env))
@@ -293,7 +330,7 @@ def run_connshare(traced: str, calls: int, followers: int, opcodes: bool = False
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_minimal(traced: str, calls: int, clients: int) -> int:
+def run_minimal(traced: str, calls: int, clients: int, sequential: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="connshare-ir-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -302,7 +339,7 @@ def run_minimal(traced: str, calls: int, clients: int) -> int:
         _wait_for(workdir / "port", 300)
         port = int((workdir / "port").read_text())
         for _ in range(clients):
-            cmd = _python("_minimal_client", port, workdir, calls)
+            cmd = _python("_minimal_blocking_client" if sequential else "_minimal_client", port, workdir, calls)
             procs.append(subprocess.Popen(_callgrind(cmd, workdir) if traced == "client" else cmd, env=_env()))
         _start_all(procs, workdir, clients)
         for p in procs:
@@ -329,32 +366,44 @@ def main() -> None:
         if role == "_leader":
             _role_leader(int(args[0]), Path(args[1]), bool(int(args[2])), int(args[3]))
         elif role == "_follower":
-            _role_follower(int(args[0]), Path(args[1]), int(args[2]), bool(int(args[3])))
+            _role_follower(int(args[0]), Path(args[1]), int(args[2]), bool(int(args[3])), bool(int(args[4])))
         elif role == "_minimal_server":
             _role_minimal_server(Path(args[0]), int(args[1]))
         elif role == "_minimal_client":
             _role_minimal_client(int(args[0]), Path(args[1]), int(args[2]))
+        elif role == "_minimal_blocking_client":
+            _role_minimal_blocking_client(int(args[0]), Path(args[1]), int(args[2]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calls", default="1000,5000", help="calls per follower in the two runs")
     ap.add_argument("--followers", type=int, default=3, help="followers served by the traced leader")
     ap.add_argument("--opcodes", action="store_true", help="also count Python opcodes per function")
+    ap.add_argument("--sequential", action="store_true", help="one follower making blocking calls one at a time (the latency workload)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         sys.exit("benchmarks.instructions needs valgrind (apt-get install valgrind)")
+    if args.opcodes and args.sequential:
+        ap.error("--opcodes counts the throughput workload; leave out --sequential")
     low, high = (int(x) for x in args.calls.split(","))
-    f = args.followers
+    seq = args.sequential
+    f = 1 if seq else args.followers
     ir = {
-        "leader": per_call(lambda n: run_connshare("leader", n, f), low, high, f),
-        "minimal server": per_call(lambda n: run_minimal("server", n, f), low, high, f),
-        "follower": per_call(lambda n: run_connshare("follower", n, 1), low, high, 1),
-        "minimal client": per_call(lambda n: run_minimal("client", n, 1), low, high, 1),
+        "leader": per_call(lambda n: run_connshare("leader", n, f, sequential=seq), low, high, f),
+        "minimal server": per_call(lambda n: run_minimal("server", n, f, sequential=seq), low, high, f),
+        "follower": per_call(lambda n: run_connshare("follower", n, 1, sequential=seq), low, high, 1),
+        "minimal client": per_call(lambda n: run_minimal("client", n, 1, sequential=seq), low, high, 1),
     }
     print("| process | instructions per call |\n| --- | --- |")
     for name, v in ir.items():
         print(f"| {name} | {v / 1000:.1f}k |")
-    out: dict[str, Any] = {"host": host_info(), "calls": [low, high], "followers": f, "instructions_per_call": ir}
+    out: dict[str, Any] = {
+        "host": host_info(),
+        "workload": "sequential" if seq else "throughput",
+        "calls": [low, high],
+        "followers": f,
+        "instructions_per_call": ir,
+    }
     if args.opcodes:
         out["opcodes_per_request"] = {}
         for traced, n in (("leader", 3000), ("follower", 5000)):
@@ -364,7 +413,7 @@ def main() -> None:
             for name, v in sorted(prof.items(), key=lambda kv: -kv[1])[:15]:
                 print(f"  {v:7.1f}  {name}")
     if not args.no_write:
-        write_results("instructions.json", out)
+        write_results("instructions_sequential.json" if seq else "instructions.json", out)
 
 
 if __name__ == "__main__":
