@@ -627,23 +627,33 @@ class FollowerConnection:
         if self._finished:
             self._close_home()
             return
-        self._read_if_reader(self._home, None)
+        self._read_if_reader(self._home, None, True)
 
-    def _read_if_reader(self, loop: asyncio.AbstractEventLoop, role: asyncio.AbstractEventLoop | None) -> None:
+    def _read_if_reader(self, loop: asyncio.AbstractEventLoop, role: asyncio.AbstractEventLoop | None, listeners_now: bool = False) -> None:
         """One read on ``loop``'s thread, if the reader role is ``role`` (None:
         connshare's loop reads) and nobody else is reading now (they disarm us, or
-        are about to)."""
+        are about to). ``listeners_now`` (the home loop's reader callback): run the
+        listeners of the events read on this loop in this turn, not the next."""
         if not self._rtoken.acquire(False):
             return
+        now: list | None = None
         try:
             if self._role is role and not self._finished:
                 self._here = loop
+                if listeners_now:
+                    now = self._now = []
                 try:
                     self._read_once(_DONTWAIT)
                 finally:
                     self._here = None
+                    self._now = None
         finally:
             self._rtoken.release()
+            if now:
+                # One loop pass less per event (a fifth of a follower's work per
+                # event), and the read token is free while app code runs.
+                for listener, value in now:
+                    listener.run(value)
 
     def _close_home(self) -> None:
         """On the home loop, once the connection is over: stop watching, close the
@@ -731,6 +741,8 @@ class FollowerConnection:
                     self._precork(self._here)  # type: ignore[arg-type]
 
     _settled_here = 0
+    #: listeners to run once the home loop's read is done (see _read_if_reader)
+    _now: list | None = None
 
     def _answer(self, p: Pending, ok: bool, value: Any, batch: dict | None) -> None:
         """Settle ``p``: in place if the reading loop is its caller's (that caller's
@@ -757,7 +769,7 @@ class FollowerConnection:
         elif t == MsgType.EVENT:
             sub = self.keys.get(wire[1])
             if sub is not None:
-                sub.deliver(wire[2])
+                sub.deliver(wire[2], self._now)
         elif t == MsgType.ERROR:
             msg = Error(*wire[1:])
             if msg.rid == 0:

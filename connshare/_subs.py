@@ -8,6 +8,7 @@ from the wire. It keeps the last value, so a listener added later gets it at onc
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import threading
@@ -22,6 +23,11 @@ from ._loop import get_loop
 _running_loop = asyncio._get_running_loop
 
 log = logging.getLogger("connshare.subs")
+
+#: one item per listener call queued to connshare's loop from another thread and not
+#: yet run (deque appends and pops are atomic): while there are any, a reader on
+#: that loop must queue its listener calls behind them, not run them at once
+_queued_home: collections.deque = collections.deque()
 
 
 def canonical(reg: Any) -> bytes:
@@ -52,19 +58,41 @@ class Listener:
             self.loop = None
             self.thread = None
 
-    def call(self, value: Any) -> None:
+    def call(self, value: Any, now: list | None = None) -> None:
+        """Run the listener with ``value`` on its loop. ``now``: the reader on
+        connshare's loop runs the listeners queued there once its read is done,
+        in this loop turn, unless calls queued from other threads are still due."""
+        home = get_loop()
         loop = self.loop
         if loop is None:
-            loop = get_loop()
+            loop = home
         elif loop.is_closed():
             return
         try:
             if _running_loop() is loop:  # read on that loop: no self-pipe wake-up
-                loop.call_soon(self._run, value)
+                if now is not None and not _queued_home:
+                    now.append((self, value))
+                else:
+                    loop.call_soon(self._run, value)
+            elif loop is home:
+                _queued_home.append(None)
+                try:
+                    loop.call_soon_threadsafe(self._run_queued, value)
+                except RuntimeError:
+                    _queued_home.pop()
+                    raise
             else:
                 loop.call_soon_threadsafe(self._run, value)
         except RuntimeError:  # that loop was closed under us
             pass
+
+    def _run_queued(self, value: Any) -> None:
+        _queued_home.pop()
+        self._run(value)
+
+    def run(self, value: Any) -> None:
+        """Run the listener here and now (on its loop)."""
+        self._run(value)
 
     def _run(self, value: Any) -> None:
         try:
@@ -123,13 +151,13 @@ class LocalSub:
                 self.listeners = [ls for ls in self.listeners if ls.fn != fn]
             return not self.listeners
 
-    def deliver(self, value: Any) -> None:
+    def deliver(self, value: Any, now: list | None = None) -> None:
         with self.lock:
             self.has_value = True
             self.value = value
             listeners = list(self.listeners)
         for ls in listeners:
-            ls.call(value)
+            ls.call(value, now)
 
     def push(self, _key: Any, value: Any) -> None:
         """As a sink of the leader's channel host (this process leads)."""

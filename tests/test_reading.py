@@ -5,10 +5,13 @@ and must hand the socket back however the call ends, or however the loop stalls.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from tests.conftest import kv_spec
 from tests.harness import wait_until
+from tests.hostile_clients import blast_spec
 
 DELEGATES = ["echo", "aecho", "asize", "asleep", "sleep", "whoami", "emit_then_sleep", "anote", "noted"]
 
@@ -37,6 +40,29 @@ def test_events_reach_listeners_while_a_blocking_caller_reads(port, upstream, sp
     # and the background reader has the socket again
     upstream.set("cfg", 2)
     follower.wait_event("cfg", lambda v: v["value"] == 2)
+
+
+def test_events_reach_listeners_in_order_whoever_reads_them(port, spawn) -> None:
+    # connshare's loop runs the listeners of the events it reads at once; events a
+    # blocking caller read are queued to that loop from the caller's thread. The
+    # listener must still see every value in order, as the leader emitted them.
+    a, b = spawn([blast_spec(port)], [blast_spec(port)])
+    a.ready()
+    b.ready()
+    leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
+    follower.request("subscribe", "0", {"key": "k"}, "k")
+    first = leader.call("blast", "k", 1, 8)
+    follower.wait_event("k", lambda v: v["seq"] == first)
+    with ThreadPoolExecutor(1) as pool:
+        # blocking callers take the read token in turn with connshare's loop
+        hammer = pool.submit(follower.request, "hammer", "0", 8, 1500, 0, timeout=120)
+        last = first
+        while not hammer.done():
+            last = leader.call("blast", "k", 20, 8)
+        assert hammer.result() == {"bad": 0, "errors": []}
+    follower.wait_event("k", lambda v: v["seq"] == last)
+    got = [v["seq"] for v in follower.values("k") if v["seq"] > first]
+    assert got == list(range(first + 1, last + 1))
 
 
 def test_blocking_threads_and_awaitable_calls_share_one_connection(port, upstream, spawn) -> None:
