@@ -11,6 +11,7 @@ import asyncio
 import collections
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,8 @@ log = logging.getLogger("connshare.subs")
 #: yet run (deque appends and pops are atomic): while there are any, a reader on
 #: that loop must queue its listener calls behind them, not run them at once
 _queued_home: collections.deque = collections.deque()
+# a forked child has a loop of its own, with none of those calls queued on it
+os.register_at_fork(after_in_child=_queued_home.clear)
 
 
 def canonical(reg: Any) -> bytes:
