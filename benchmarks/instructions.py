@@ -50,7 +50,7 @@ from typing import Any
 
 import msgpack
 
-from benchmarks._common import HEADER, free_port, host_info, write_results
+from benchmarks._common import HEADER, free_port, host_info, recv_frame, send_frame, write_results
 
 PAYLOAD = "x" * 100
 INFLIGHT = 100
@@ -239,23 +239,12 @@ def _role_minimal_blocking_client(port: int, workdir: Path, calls: int) -> None:
     """One call at a time; the caller reads its own answer from a blocking socket."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    buf = bytearray()
     (workdir / f"joined.{os.getpid()}").touch()
     _wait_for(workdir / "go")
     for rid in range(1, calls + 1):
-        body = msgpack.packb([15, rid, 1, "aecho", [PAYLOAD], {}, 0, None])
-        sock.sendall(HEADER.pack(len(body)) + body)
-        while not _frames_into(buf, sock):
-            pass
+        send_frame(sock, [15, rid, 1, "aecho", [PAYLOAD], {}, 0, None])
+        recv_frame(sock)
     sock.close()
-
-
-def _frames_into(buf: bytearray, sock: socket.socket) -> list[Any]:
-    data = sock.recv(65536)
-    if not data:
-        raise ConnectionError("the minimal server closed the connection")
-    buf += data
-    return _frames(buf)
 
 
 # -- the driver ----------------------------------------------------------------------------
