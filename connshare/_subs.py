@@ -65,10 +65,9 @@ class Listener:
         """Run the listener with ``value`` on its loop. ``now``: the reader on
         connshare's loop runs the listeners queued there once its read is done,
         in this loop turn, unless calls queued from other threads are still due."""
-        home = get_loop()
         loop = self.loop
         if loop is None:
-            loop = home
+            loop = get_loop()
         elif loop.is_closed():
             return
         try:
@@ -76,8 +75,8 @@ class Listener:
                 if now is not None and not _queued_home:
                     now.append((self, value))
                 else:
-                    loop.call_soon(self._run, value)
-            elif loop is home:
+                    loop.call_soon(self.run, value)
+            elif loop is get_loop():
                 _queued_home.append(None)
                 try:
                     loop.call_soon_threadsafe(self._run_queued, value)
@@ -85,19 +84,16 @@ class Listener:
                     _queued_home.pop()
                     raise
             else:
-                loop.call_soon_threadsafe(self._run, value)
+                loop.call_soon_threadsafe(self.run, value)
         except RuntimeError:  # that loop was closed under us
             pass
 
     def _run_queued(self, value: Any) -> None:
         _queued_home.pop()
-        self._run(value)
+        self.run(value)
 
     def run(self, value: Any) -> None:
         """Run the listener here and now (on its loop)."""
-        self._run(value)
-
-    def _run(self, value: Any) -> None:
         try:
             if self.is_coro:
                 keep(asyncio.ensure_future(self.fn(value))).add_done_callback(_log_task_error)
