@@ -83,6 +83,12 @@ def _wait_for(path: Path, timeout: float = 120.0) -> None:
         time.sleep(0.01)
 
 
+def _join(workdir: Path) -> None:
+    """Tell the driver this process is connected; wait until every one is."""
+    (workdir / f"joined.{os.getpid()}").touch()
+    _wait_for(workdir / "go")
+
+
 def _opcode_tracer() -> tuple[collections.Counter, Any]:
     counts: collections.Counter = collections.Counter()
 
@@ -136,8 +142,7 @@ def _role_follower(port: int, workdir: Path, calls: int, opcodes: bool, sequenti
     c = _echo_client(port)
     assert not c.is_leader
     if sequential:
-        (workdir / f"joined.{os.getpid()}").touch()
-        _wait_for(workdir / "go")
+        _join(workdir)
         for _ in range(calls):
             c.invoke("aecho", PAYLOAD)
         c.close()
@@ -147,8 +152,7 @@ def _role_follower(port: int, workdir: Path, calls: int, opcodes: bool, sequenti
         asyncio.run(_in_flight(c.aecho, 2000))  # warm: opcodes of first calls differ
         sys.settrace(tracer)
     else:
-        (workdir / f"joined.{os.getpid()}").touch()
-        _wait_for(workdir / "go")
+        _join(workdir)
     asyncio.run(_in_flight(c.aecho, calls))
     sys.settrace(None)
     if opcodes:
@@ -239,8 +243,7 @@ def _role_minimal_blocking_client(port: int, workdir: Path, calls: int) -> None:
     """One call at a time; the caller reads its own answer from a blocking socket."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    (workdir / f"joined.{os.getpid()}").touch()
-    _wait_for(workdir / "go")
+    _join(workdir)
     for rid in range(1, calls + 1):
         send_frame(sock, [15, rid, 1, "aecho", [PAYLOAD], {}, 0, None])
         recv_frame(sock)

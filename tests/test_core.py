@@ -183,8 +183,8 @@ def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn) -> No
 
 def test_a_call_that_cancels_its_task_loses_no_other_call(port, upstream, spawn) -> None:
     # Calls that do not wait run in a task the leader lends them. A call that
-    # cancels that task must not take down the call the task is handed next (the
-    # first sleep leaves a freshly made task lent to the rest), nor later calls.
+    # cancels that task must not take down the call handed to it next (after the
+    # first sleep takes the task, a new one is parked for the rest), nor later calls.
     delegates = ["acancel_self", "asleep", "aecho"]
     a, b = spawn([kv_spec(port, upstream.port, delegates=delegates)], [kv_spec(port, upstream.port, delegates=delegates)])
     a.ready()
