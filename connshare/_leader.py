@@ -220,11 +220,12 @@ class PeerProtocol:
                 over = len(self._wbuf) > self.options.max_buffered_bytes
                 if not over:
                     self._wbuf += frame
-            elif on_loop and self.node.runner.running:
-                # Answers of the runner's calls leave together when its batch ends.
+            elif on_loop and (runner := self.node.runner).running and runner.queue:
+                # More calls of this read run next: their answers leave together
+                # when the batch ends. The last (or only) call's answer needs no cork.
                 self._wbuf += frame
                 self._corked = True
-                self.node.runner.after_batch(self._uncork)
+                runner.after_batch(self._uncork)
             else:
                 try:
                     n = self.sock.send(frame)
@@ -235,7 +236,7 @@ class PeerProtocol:
                 if n < len(frame):
                     self._wbuf += memoryview(frame)[n:]
                     self._arm_writer()
-                elif on_loop:
+                elif on_loop and not self.node.runner.running:
                     # The first answer of a loop turn goes at once (no latency
                     # cost); the rest of this turn's answers are batched.
                     self._corked = True
@@ -433,9 +434,15 @@ class PeerProtocol:
         if flags & ONEWAY:
             rid = 0
         try:
-            fn, spec = self._host(channel).resolve_spec(method)
+            host = self.channels.get(channel)
+            if host is None:
+                host = self._host(channel)  # raises
+            fn, spec = host.resolve_spec(method)
             threaded = not (spec.is_coro or spec.inline)
-            self._admit(threaded)
+            if threaded or self.inflight_loop + self.inflight_threads >= self.options.max_inflight_per_follower:
+                self._admit(threaded)
+            else:  # _admit's common case, inline: this is every call's path
+                self.inflight_loop += 1
         except Exception as exc:
             self._error(rid, exc)
             return

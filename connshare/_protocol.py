@@ -397,8 +397,13 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Bodies of every frame completed by ``data``. Raises FrameTooLargeError."""
-        out: list[bytes] = []
         buf = self._buf
+        if not buf and len(data) >= 4:
+            # The usual read when callers wait for their answers: one whole frame.
+            (n,) = HEADER.unpack_from(data)
+            if n + 4 == len(data) and n <= self.max_frame_size:
+                return [bytes(data[4:])]
+        out: list[bytes] = []
         if buf:
             buf += data
             pos = self._split(buf, out)

@@ -86,7 +86,8 @@ class CoroRunner:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self._queue: deque[tuple[Coroutine[Any, Any, Any], Done, int]] = deque()
+        #: calls whose first step has not run yet
+        self.queue: deque[tuple[Coroutine[Any, Any, Any], Done, int]] = deque()
         #: a batch of calls is running (their answers wait for its end)
         self.running = False
         self._after: list[Callable[[], None]] = []
@@ -97,11 +98,11 @@ class CoroRunner:
 
     def submit(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int) -> None:
         """Queue a call (on the loop); ``kick()`` once the read's calls are queued."""
-        self._queue.append((coro, done, rid))
+        self.queue.append((coro, done, rid))
 
     def kick(self) -> None:
         """Run the queued calls' first steps now (on the loop, outside any task)."""
-        if self._queue and not self.running:
+        if self.queue and not self.running:
             self.running = True
             try:
                 self._run_batch()
@@ -117,7 +118,7 @@ class CoroRunner:
         self._after.append(fn)
 
     def _run_batch(self) -> None:
-        loop, queue = self.loop, self._queue
+        loop, queue = self.loop, self.queue
         host = self._host
         if host is None or host.fut.done() or host.task.done():
             host = self._park()
