@@ -72,6 +72,8 @@ class ChannelHost:
         self.keys: dict[tuple[str, bytes], KeyState] = {}
         self.peers: set[Any] = set()
         self.broadcast = state.options.is_broadcast
+        #: resolve_spec's answers, per method name (every remote call asks)
+        self._calls: dict[str, tuple[Callable[..., Any], MethodSpec]] = {}
 
     async def start(self) -> None:
         """Build the real client on connshare's loop and wait until it is ready."""
@@ -210,13 +212,22 @@ class ChannelHost:
     def resolve_spec(self, method: str) -> tuple[Callable[..., Any], MethodSpec]:
         """The real bound method and its delegate spec; MethodNotAllowedError if it
         is not delegated as a call."""
-        spec = self.state.spec.get(method)
-        if spec is None or spec.to not in ("invoke", "invoke_oneway"):
-            raise MethodNotAllowedError(f"{method!r} is not a delegated method of channel {self.state.name!r}")
-        return getattr(self.real, method), spec
+        hit = self._calls.get(method)
+        if hit is None:
+            spec = self.state.spec.get(method)
+            if spec is None or spec.to not in ("invoke", "invoke_oneway"):
+                raise MethodNotAllowedError(f"{method!r} is not a delegated method of channel {self.state.name!r}")
+            real = self.real
+            hit = getattr(real, method), spec
+            if real is not None:
+                # Bound once: a method replaced on the real instance later is
+                # not seen by remote calls.
+                self._calls[method] = hit
+        return hit
 
     async def close(self) -> None:
         real, self.real = self.real, None
+        self._calls.clear()
         self.keys.clear()
         if real is None:
             return
