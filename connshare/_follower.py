@@ -401,7 +401,7 @@ class FollowerConnection:
             if reading:
                 self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
                 self._rtoken.release()
-        if not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
+        if lock.locked() and not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
             if self.pending.pop(rid, None) is not None:
                 raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout} s")
             # answered meanwhile; the lock is (being) released

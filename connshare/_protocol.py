@@ -305,7 +305,12 @@ class Codec:
         try:
             for i in USER_FIELDS[wire[0]]:
                 item = wire[i]
-                if type(item) not in SCALARS:
+                t = type(item)
+                if t is tuple or t is list:  # a call's arguments: check_keys' loop, inline
+                    for v in item:
+                        if type(v) not in SCALARS:
+                            check_keys(v)
+                elif t not in SCALARS and (item or t is not dict):  # {}: no call's kwargs
                     check_keys(item)
         except RecursionError:
             # A peer can send a value ~1000 deep for the leader to echo back.
