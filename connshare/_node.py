@@ -622,12 +622,7 @@ class Node:
         if not is_coro:
             return fn(*args, **kwargs)
         forbid_loop_thread(f"the blocking call of coroutine method {method!r}")
-        cf = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop)
-        try:
-            return cf.result(max(deadline - time.monotonic(), 0.0))
-        except concurrent.futures.TimeoutError:
-            cf.cancel()
-            raise CallTimeoutError(f"{method!r} did not finish in time") from None
+        return self.runner.call_from_thread(fn, args, kwargs, max(deadline - time.monotonic(), 0.0))
 
     async def invoke_async(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict, timeout: float) -> Any:
         start = time.monotonic()

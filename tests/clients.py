@@ -122,6 +122,15 @@ class KVClient(Base):
         await asyncio.sleep(seconds)
         return seconds
 
+    async def asleep_noting(self, seconds: float, tag: Any) -> float:
+        """Sleep; note ``tag`` if the call is cancelled meanwhile."""
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.notes.append(tag)
+            raise
+        return seconds
+
     async def acancel_self(self) -> str:
         """Cancel the task this call runs in, and return without waiting."""
         asyncio.current_task().cancel()  # type: ignore[union-attr]

@@ -154,6 +154,29 @@ def test_call_timeout_is_a_timeout_error(port, upstream, spawn) -> None:
         assert info.value.isa("CallTimeoutError")
 
 
+def test_the_leaders_own_blocking_call_of_a_coroutine_method(port, upstream, spawn) -> None:
+    # The leader's blocking caller hands the call to connshare's loop and waits on
+    # a lock: results, errors, a context and a task of its own per call, and a
+    # timeout that cancels the call on the loop.
+    delegates = ["aecho", "aboom", "acontext", "asleep_noting", "noted"]
+    w = spawn([kv_spec(port, upstream.port, delegates=delegates, response_timeout=0.3)])[0]
+    w.ready()
+    assert w.role()["is_leader"]
+    assert w.request("invoke", "0", "aecho", ["x"]) == "x"
+    with pytest.raises(AgentError) as info:
+        w.request("invoke", "0", "aboom", [])
+    assert info.value.type == "AppError"  # the method's own exception, raised here
+    assert w.request("invoke", "0", "acontext", [1]) is None
+    assert w.request("invoke", "0", "acontext", [2]) is None  # the first call's value stayed in its context
+    assert w.request("invoke", "0", "asleep_noting", [0.05, "early"]) == 0.05  # one that waits
+    t0 = time.monotonic()
+    with pytest.raises(AgentError) as info:
+        w.request("invoke", "0", "asleep_noting", [30, "gave up"])
+    assert info.value.isa("CallTimeoutError") and time.monotonic() - t0 < 10
+    wait_until(lambda: w.call("noted") == ["gave up"], what="the timed-out call to be cancelled on the loop")
+    assert w.request("invoke", "0", "aecho", ["after"]) == "after"
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
 def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn) -> None:
     # The leader runs coroutine calls that do not wait without a Task each; what a
