@@ -434,15 +434,9 @@ class PeerProtocol:
         if flags & ONEWAY:
             rid = 0
         try:
-            host = self.channels.get(channel)
-            if host is None:
-                host = self._host(channel)  # raises
-            fn, spec = host.resolve_spec(method)
+            fn, spec = self._host(channel).resolve_spec(method)
             threaded = not (spec.is_coro or spec.inline)
-            if threaded or self.inflight_loop + self.inflight_threads >= self.options.max_inflight_per_follower:
-                self._admit(threaded)
-            else:  # _admit's common case, inline: this is every call's path
-                self.inflight_loop += 1
+            self._admit(threaded)
         except Exception as exc:
             self._error(rid, exc)
             return

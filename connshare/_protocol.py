@@ -310,7 +310,7 @@ class Codec:
                     for v in item:
                         if type(v) not in SCALARS:
                             check_keys(v)
-                elif t not in SCALARS and (item or t is not dict):  # {}: no call's kwargs
+                elif t not in SCALARS and (item or t is not dict):  # most calls' kwargs: {}
                     check_keys(item)
         except RecursionError:
             # A peer can send a value ~1000 deep for the leader to echo back.
