@@ -28,7 +28,6 @@ them, each call gets a Task of its own.
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import contextvars
 from collections import deque
@@ -36,6 +35,7 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from ._errors import CallTimeoutError
+from ._follower import Pending
 
 try:
     from asyncio.tasks import _enter_task, _leave_task
@@ -90,16 +90,13 @@ class _Host:
 
 
 class _Waiter:
-    """A blocking caller's wait for one call the runner runs for it."""
+    """A blocking caller's wait for one call the runner runs for it: a follower's
+    pending request (a lock released with the outcome), and what cancels the call."""
 
-    __slots__ = ("cancelled", "finished", "lock", "ok", "task", "value")
+    __slots__ = ("cancelled", "pending", "task")
 
     def __init__(self) -> None:
-        self.lock = _thread.allocate_lock()
-        self.lock.acquire()  # released with the outcome
-        self.ok = False
-        self.value: Any = None
-        self.finished = False
+        self.pending = Pending()
         self.cancelled = False
         self.task: asyncio.Task | None = None  # the task that runs the call
 
@@ -111,14 +108,14 @@ class _Waiter:
         return await fn(*args, **kwargs)
 
     def done(self, _rid: int, value: Any, exc: BaseException | None) -> None:
-        self.finished = True
-        self.ok, self.value = (True, value) if exc is None else (False, exc)
-        self.lock.release()
+        self.pending.settle(exc is None, value if exc is None else exc)
 
     def cancel(self) -> None:
-        """On the loop, after the caller gave up: cancel the call if it runs still."""
+        """On the loop, after the caller gave up: cancel the call if it runs still
+        (its lock is released only when it is done, and the caller no longer
+        takes it)."""
         self.cancelled = True
-        if not self.finished and self.task is not None:
+        if self.pending.lock.locked() and self.task is not None:
             self.task.cancel()
 
 
@@ -152,15 +149,13 @@ class CoroRunner:
         except BaseException:  # the loop is closed
             coro.close()
             raise
-        if not w.lock.acquire(True, timeout):
+        if not w.pending.lock.acquire(True, timeout):
             self.loop.call_soon_threadsafe(w.cancel)
             raise CallTimeoutError(f"{getattr(fn, '__name__', fn)!r} did not finish in time")
-        if w.ok:
-            return w.value
-        raise w.value
+        return w.pending.outcome()
 
     def _start(self, coro: Coroutine[Any, Any, Any], done: Done) -> None:
-        self.queue.append((coro, done, 0))
+        self.submit(coro, done, 0)
         self.kick()
 
     def kick(self) -> None:
