@@ -436,6 +436,13 @@ class Agent:
         fut.result(120)
         return {"bad": len(bad), "errors": errors}
 
+    def op_runner_without_lending(self) -> None:
+        """Make this process's runner take the path an asyncio without
+        ``_enter_task`` would: a Task of its own for every coroutine call."""
+        from connshare import _runner
+
+        _runner._enter_task = None
+
     def op_exit(self) -> None:
         os._exit(0)
 

@@ -154,7 +154,9 @@ def test_call_timeout_is_a_timeout_error(port, upstream, spawn) -> None:
         assert info.value.isa("CallTimeoutError")
 
 
-def test_the_leaders_own_blocking_call_of_a_coroutine_method(port, upstream, spawn) -> None:
+# lend=False: the path an asyncio without _enter_task takes (a Task per call)
+@pytest.mark.parametrize("lend", [True, False], ids=["lent_task", "task_per_call"])
+def test_the_leaders_own_blocking_call_of_a_coroutine_method(port, upstream, spawn, lend) -> None:
     # The leader's blocking caller hands the call to connshare's loop and waits on
     # a lock: results, errors, a context and a task of its own per call, and a
     # timeout that cancels the call on the loop.
@@ -162,6 +164,8 @@ def test_the_leaders_own_blocking_call_of_a_coroutine_method(port, upstream, spa
     w = spawn([kv_spec(port, upstream.port, delegates=delegates, response_timeout=0.3)])[0]
     w.ready()
     assert w.role()["is_leader"]
+    if not lend:
+        w.request("runner_without_lending")
     assert w.request("invoke", "0", "aecho", ["x"]) == "x"
     with pytest.raises(AgentError) as info:
         w.request("invoke", "0", "aboom", [])
@@ -178,14 +182,17 @@ def test_the_leaders_own_blocking_call_of_a_coroutine_method(port, upstream, spa
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
-def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn) -> None:
+@pytest.mark.parametrize("lend", [True, False], ids=["lent_task", "task_per_call"])
+def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn, lend) -> None:
     # The leader runs coroutine calls that do not wait without a Task each; what a
     # method sees must not tell: its own context, a current task, working timeouts.
     delegates = ["atimeout", "acontext", "asleep", "aecho"]
     a, b = spawn([kv_spec(port, upstream.port, delegates=delegates)], [kv_spec(port, upstream.port, delegates=delegates)])
     a.ready()
     b.ready()
-    follower = b if a.role()["is_leader"] else a
+    leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
+    if not lend:
+        leader.request("runner_without_lending")
     out = follower.request(
         "acalls_at_once",
         [
