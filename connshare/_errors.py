@@ -112,7 +112,9 @@ class NotSentError(LeaderLostError):
 
 
 class LeaderUnresponsiveError(CallError):
-    """The leader process stopped answering heartbeats."""
+    """The leader process stopped answering heartbeats. Calls that were waiting for
+    it fail with this at once; like :class:`LeaderLostError`, such a call may or may
+    not have run (a stalled leader may still run it once it wakes)."""
 
     def __init__(self, pid: int | None, detail: str = "") -> None:
         self.pid = pid

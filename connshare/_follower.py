@@ -225,12 +225,12 @@ class FollowerConnection:
     # -- sending ------------------------------------------------------------------------
 
     def check_usable(self, peek: bool = True) -> None:
-        if self.lost is not None:
-            raise NotSentError(f"connection to the leader (pid {self.peer_pid}) is lost: {self.lost}")
+        """Raise unless a request sent now can reach the leader. ``peek``: also
+        ask the socket, not only what the readers have seen."""
+        if peek or self.lost is not None:
+            self._check_open()
         if self.unresponsive:
             raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
-        if peek:
-            self._check_open()
 
     def _check_open(self) -> None:
         """Raise NotSentError if the connection is over, even if nobody has read its
