@@ -142,6 +142,8 @@ LATENCY_VARIANTS = {
     "async_echo": ("lat_async", "ainvoke_blocking", "follower"),  # asyncio caller, blocking echo
     "leader_echo": ("lat_sync", "proxy", "leader"),  # the leader's own call, blocking echo
     "leader_aecho": ("lat_sync", "invoke_coro", "leader"),  # the leader's own call, coroutine echo
+    # the leader's own awaited call from an app loop (not connshare's), as under uvicorn
+    "leader_async_aecho": ("lat_async", "proxy", "leader"),
 }
 
 

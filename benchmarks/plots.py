@@ -74,6 +74,7 @@ LAT_LABELS = {
     "async_aecho": "follower: asyncio caller, coroutine echo",
     "async_echo": "follower: asyncio caller, blocking echo",
     "leader_aecho": "leader's own call, coroutine echo",
+    "leader_async_aecho": "leader's own call, coroutine echo, asyncio caller",
     "leader_echo": "leader's own call, blocking echo",
 }
 

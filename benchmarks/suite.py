@@ -243,6 +243,14 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         "",
         None,
     ),
+    (
+        "Call µs p50 / p99: leader's own call, coroutine echo, asyncio caller on the app's loop",
+        ("connshare_call", ["leader_async_aecho_p50_us", "leader_async_aecho_p99_us"]),
+        None,
+        None,
+        "",
+        None,
+    ),
     ("Call µs p50 / p99: direct method call (in-process)", ("direct_call", ["p50_us", "p99_us"]), None, None, "", None),
     (
         "Raw floor µs p50 / p99: blocking socket ping-pong",

@@ -657,14 +657,13 @@ class Node:
     ) -> Any:
         fn, is_coro = host.resolve(method)
         left = max(deadline - time.monotonic(), 0.0)
+        if is_coro and loop is not self.loop:  # the app's own loop (uvicorn's)
+            return await self.runner.call_async(fn, args, kwargs, left, loop)
         try:
             if not is_coro:
                 # a blocking method awaited in the leader: the caller loop's executor
                 return await asyncio.wait_for(loop.run_in_executor(None, functools.partial(fn, *args, **kwargs)), left)
-            if loop is self.loop:
-                return await asyncio.wait_for(fn(*args, **kwargs), left)
-            cf = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop)
-            return await asyncio.wait_for(asyncio.wrap_future(cf), left)
+            return await asyncio.wait_for(fn(*args, **kwargs), left)
         except asyncio.TimeoutError:
             raise CallTimeoutError(f"{method!r} did not finish in time") from None
 

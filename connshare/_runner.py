@@ -16,10 +16,12 @@ nor a loop turn: its answer leaves in the read that brought it. (A runner task p
 read, started eagerly on 3.12+, cost the leader 36 % more instructions per
 sequential call on 3.11, and 6 % more on 3.12.)
 
-The leader's own blocking callers use the runner too (``call_from_thread``): a
-lock to wait on and one callback on the loop cost a third of what
-``asyncio.run_coroutine_threadsafe`` costs (a Task, two chained futures and a
-condition variable).
+The leader's own callers on other threads use the runner too: a blocking caller
+waits on a lock (``call_from_thread``), a coroutine on another event loop (the
+app's, under uvicorn) on a future of its own loop (``call_async``). One callback
+on the runner's loop and one back cost a fraction of what
+``asyncio.run_coroutine_threadsafe`` costs (a Task, two chained futures, and a
+condition variable or a third future).
 
 Lending a task takes asyncio's ``_enter_task`` / ``_leave_task``, which every
 asyncio since 3.7 has (its eager tasks use them) but does not document. Without
@@ -90,14 +92,16 @@ class _Host:
 
 
 class _Waiter:
-    """A blocking caller's wait for one call the runner runs for it: a follower's
-    pending request (a lock released with the outcome), and what cancels the call."""
+    """A caller's wait for one call the runner runs for it, from another thread: a
+    follower's pending request (a lock for a blocking caller, a future on the
+    caller's loop for a coroutine), and what cancels the call."""
 
-    __slots__ = ("cancelled", "pending", "task")
+    __slots__ = ("cancelled", "finished", "pending", "task")
 
-    def __init__(self) -> None:
-        self.pending = Pending()
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.pending = Pending(loop)
         self.cancelled = False
+        self.finished = False  # set on the runner's loop, with the outcome
         self.task: asyncio.Task | None = None  # the task that runs the call
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict) -> Any:
@@ -108,15 +112,19 @@ class _Waiter:
         return await fn(*args, **kwargs)
 
     def done(self, _rid: int, value: Any, exc: BaseException | None) -> None:
+        self.finished = True
         self.pending.settle(exc is None, value if exc is None else exc)
 
     def cancel(self) -> None:
-        """On the loop, after the caller gave up: cancel the call if it runs still
-        (its lock is released only when it is done, and the caller no longer
-        takes it)."""
+        """On the loop, after the caller gave up: cancel the call if it runs still."""
         self.cancelled = True
-        if self.pending.lock.locked() and self.task is not None:
+        if not self.finished and self.task is not None:
             self.task.cancel()
+
+
+def _time_out(fut: asyncio.Future, fn: Any) -> None:
+    if not fut.done():
+        fut.set_exception(CallTimeoutError(f"{getattr(fn, '__name__', fn)!r} did not finish in time"))
 
 
 class CoroRunner:
@@ -153,6 +161,31 @@ class CoroRunner:
             self.loop.call_soon_threadsafe(w.cancel)
             raise CallTimeoutError(f"{getattr(fn, '__name__', fn)!r} did not finish in time")
         return w.pending.outcome()
+
+    async def call_async(
+        self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict, timeout: float, loop: asyncio.AbstractEventLoop
+    ) -> Any:
+        """Run coroutine method ``fn`` on the runner's loop for a coroutine on
+        ``loop`` (another thread's, running this) and return its outcome. Raises
+        CallTimeoutError after ``timeout`` s; a timeout or the caller's own
+        cancellation cancels the call."""
+        w = _Waiter(loop)
+        coro = w.run(fn, args, kwargs)
+        try:
+            self.loop.call_soon_threadsafe(self._start, coro, w.done)
+        except BaseException:  # the loop is closed
+            coro.close()
+            raise
+        fut = w.pending.fut
+        timer = loop.call_later(timeout, _time_out, fut, fn)
+        try:
+            return await fut  # type: ignore[misc]
+        except BaseException:
+            if not w.finished:  # timed out or cancelled here: so is the call
+                self.loop.call_soon_threadsafe(w.cancel)
+            raise
+        finally:
+            timer.cancel()
 
     def _start(self, coro: Coroutine[Any, Any, Any], done: Done) -> None:
         self.submit(coro, done, 0)

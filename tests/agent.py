@@ -107,6 +107,23 @@ class Agent:
 
         return self._await(go())
 
+    def op_acall_cancelled(self, cid: str, method: str, args: list, after: float) -> bool:
+        """Await a call from this agent's loop and cancel the awaiting task after
+        ``after`` s; whether the task ended cancelled."""
+        c = self.clients[cid]
+
+        async def go() -> bool:
+            task = asyncio.ensure_future(getattr(c, method)(*args))
+            await asyncio.sleep(after)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                return True
+            return False
+
+        return self._await(go())
+
     def op_ainvoke(self, cid: str, method: str, args: list) -> Any:
         c = self.clients[cid]
         return self._await(c.ainvoke(method, *args))

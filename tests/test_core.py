@@ -155,30 +155,38 @@ def test_call_timeout_is_a_timeout_error(port, upstream, spawn) -> None:
 
 
 # lend=False: the path an asyncio without _enter_task takes (a Task per call)
-@pytest.mark.parametrize("lend", [True, False], ids=["lent_task", "task_per_call"])
-def test_the_leaders_own_blocking_call_of_a_coroutine_method(port, upstream, spawn, lend) -> None:
-    # The leader's blocking caller hands the call to connshare's loop and waits on
-    # a lock: results, errors, a context and a task of its own per call, and a
-    # timeout that cancels the call on the loop.
+@pytest.mark.parametrize(
+    ("lend", "op"),
+    [(True, "invoke"), (False, "invoke"), (True, "acall"), (False, "acall")],
+    ids=["blocking-lent_task", "blocking-task_per_call", "awaited-lent_task", "awaited-task_per_call"],
+)
+def test_the_leaders_own_call_of_a_coroutine_method_from_another_thread(port, upstream, spawn, lend, op) -> None:
+    # The leader's own caller on another thread (a blocking one, or a coroutine on
+    # the app's loop, as under uvicorn) hands the call to connshare's loop and waits
+    # on a lock or a future of its own loop: results, errors, a context and a task
+    # of its own per call, and a timeout that cancels the call on the loop.
     delegates = ["aecho", "aboom", "acontext", "asleep_noting", "noted"]
     w = spawn([kv_spec(port, upstream.port, delegates=delegates, response_timeout=0.3)])[0]
     w.ready()
     assert w.role()["is_leader"]
     if not lend:
         w.request("runner_without_lending")
-    assert w.request("invoke", "0", "aecho", ["x"]) == "x"
+    assert w.request(op, "0", "aecho", ["x"]) == "x"
     with pytest.raises(AgentError) as info:
-        w.request("invoke", "0", "aboom", [])
+        w.request(op, "0", "aboom", [])
     assert info.value.type == "AppError"  # the method's own exception, raised here
-    assert w.request("invoke", "0", "acontext", [1]) is None
-    assert w.request("invoke", "0", "acontext", [2]) is None  # the first call's value stayed in its context
-    assert w.request("invoke", "0", "asleep_noting", [0.05, "early"]) == 0.05  # one that waits
+    assert w.request(op, "0", "acontext", [1]) is None
+    assert w.request(op, "0", "acontext", [2]) is None  # the first call's value stayed in its context
+    assert w.request(op, "0", "asleep_noting", [0.05, "early"]) == 0.05  # one that waits
     t0 = time.monotonic()
     with pytest.raises(AgentError) as info:
-        w.request("invoke", "0", "asleep_noting", [30, "gave up"])
+        w.request(op, "0", "asleep_noting", [30, "gave up"])
     assert info.value.isa("CallTimeoutError") and time.monotonic() - t0 < 10
     wait_until(lambda: w.call("noted") == ["gave up"], what="the timed-out call to be cancelled on the loop")
-    assert w.request("invoke", "0", "aecho", ["after"]) == "after"
+    if op == "acall":  # a caller cancelled on its own loop cancels the call too
+        assert w.request("acall_cancelled", "0", "asleep_noting", [30, "cancelled"], 0.05) is True
+        wait_until(lambda: w.call("noted") == ["gave up", "cancelled"], what="the caller's cancel to reach the call")
+    assert w.request(op, "0", "aecho", ["after"]) == "after"
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
