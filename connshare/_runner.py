@@ -122,9 +122,13 @@ class _Waiter:
             self.task.cancel()
 
 
+def _too_late(fn: Any) -> CallTimeoutError:
+    return CallTimeoutError(f"{getattr(fn, '__name__', fn)!r} did not finish in time")
+
+
 def _time_out(fut: asyncio.Future, fn: Any) -> None:
     if not fut.done():
-        fut.set_exception(CallTimeoutError(f"{getattr(fn, '__name__', fn)!r} did not finish in time"))
+        fut.set_exception(_too_late(fn))
 
 
 class CoroRunner:
@@ -150,16 +154,10 @@ class CoroRunner:
         """Run coroutine method ``fn`` on the loop for a caller on another thread and
         wait for its outcome. Raises CallTimeoutError after ``timeout`` s, having
         cancelled the call."""
-        w = _Waiter()
-        coro = w.run(fn, args, kwargs)
-        try:
-            self.loop.call_soon_threadsafe(self._start, coro, w.done)
-        except BaseException:  # the loop is closed
-            coro.close()
-            raise
+        w = self._post(_Waiter(), fn, args, kwargs)
         if not w.pending.lock.acquire(True, timeout):
             self.loop.call_soon_threadsafe(w.cancel)
-            raise CallTimeoutError(f"{getattr(fn, '__name__', fn)!r} did not finish in time")
+            raise _too_late(fn)
         return w.pending.outcome()
 
     async def call_async(
@@ -169,13 +167,7 @@ class CoroRunner:
         ``loop`` (another thread's, running this) and return its outcome. Raises
         CallTimeoutError after ``timeout`` s; a timeout or the caller's own
         cancellation cancels the call."""
-        w = _Waiter(loop)
-        coro = w.run(fn, args, kwargs)
-        try:
-            self.loop.call_soon_threadsafe(self._start, coro, w.done)
-        except BaseException:  # the loop is closed
-            coro.close()
-            raise
+        w = self._post(_Waiter(loop), fn, args, kwargs)
         fut = w.pending.fut
         timer = loop.call_later(timeout, _time_out, fut, fn)
         try:
@@ -186,6 +178,16 @@ class CoroRunner:
             raise
         finally:
             timer.cancel()
+
+    def _post(self, w: _Waiter, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict) -> _Waiter:
+        """From another thread: queue ``w``'s call to start on the runner's loop."""
+        coro = w.run(fn, args, kwargs)
+        try:
+            self.loop.call_soon_threadsafe(self._start, coro, w.done)
+        except BaseException:  # the loop is closed
+            coro.close()
+            raise
+        return w
 
     def _start(self, coro: Coroutine[Any, Any, Any], done: Done) -> None:
         self.submit(coro, done, 0)
