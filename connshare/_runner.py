@@ -156,7 +156,7 @@ class CoroRunner:
         cancelled the call."""
         w = self._post(_Waiter(), fn, args, kwargs)
         if not w.pending.lock.acquire(True, timeout):
-            self.loop.call_soon_threadsafe(w.cancel)
+            self._cancel_soon(w)
             raise _too_late(fn)
         return w.pending.outcome()
 
@@ -174,7 +174,7 @@ class CoroRunner:
             return await fut  # type: ignore[misc]
         except BaseException:
             if not w.finished:  # timed out or cancelled here: so is the call
-                self.loop.call_soon_threadsafe(w.cancel)
+                self._cancel_soon(w)
             raise
         finally:
             timer.cancel()
@@ -188,6 +188,12 @@ class CoroRunner:
             coro.close()
             raise
         return w
+
+    def _cancel_soon(self, w: _Waiter) -> None:
+        try:
+            self.loop.call_soon_threadsafe(w.cancel)
+        except RuntimeError:  # the loop closed meanwhile (at exit): nothing runs the call
+            pass
 
     def _start(self, coro: Coroutine[Any, Any, Any], done: Done) -> None:
         self.submit(coro, done, 0)
