@@ -383,9 +383,11 @@ class FollowerConnection:
         # Read our own answer when nobody else is reading: the home loop
         # stands aside (disarmed) until we are done.
         reading = self._ep is not None and self._rtoken.acquire(False)
-        if reading and self._role is not None:  # an event loop reads: it answers us
-            self._rtoken.release()
-            reading = False
+        if reading and self._role is not None:
+            self._reclaim_closed_role()
+            if self._role is not None:  # an event loop reads: it answers us
+                self._rtoken.release()
+                reading = False
         try:
             if reading:
                 self._arm(0)
@@ -497,6 +499,7 @@ class FollowerConnection:
             return
         watch = False
         try:
+            self._reclaim_closed_role()
             with self._reg_lock:
                 if self._role is not None or self._finished or self._home_closed:
                     return
@@ -514,6 +517,17 @@ class FollowerConnection:
             self._rtoken.release()
         if watch:
             self._arm_watch()
+
+    def _reclaim_closed_role(self) -> None:
+        """Free the reader role of an event loop that closed holding it (an
+        ``asyncio.run()`` that ended), for the caller about to take it: its selector
+        is gone, and nobody would read until the next watch tick."""
+        with self._reg_lock:
+            role = self._role
+            if role is not None and role.is_closed():
+                self._role = None
+                self._watching.discard(role)
+                self._arm(_EPOLLIN)
 
     def _arm_watch(self) -> None:
         try:

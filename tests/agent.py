@@ -464,6 +464,13 @@ class Agent:
 
         _runner._enter_task = None
 
+    def op_slow_watch(self, seconds: float) -> None:
+        """Space this process's connection watch ticks ``seconds`` apart, so that
+        nothing a test checks can be done by a tick."""
+        from connshare import _follower
+
+        _follower._WATCH_S = seconds
+
     def op_exit(self) -> None:
         os._exit(0)
 

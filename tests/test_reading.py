@@ -200,6 +200,23 @@ def test_awaited_calls_with_different_timeouts_each_time_out_on_time(port, upstr
     assert tuple(out[2]) == ("ok", 0.05), out
 
 
+@pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
+def test_a_loop_that_closed_holding_the_reader_role_hands_it_on_at_once(port, upstream, spawn, kind) -> None:
+    # asyncio.run() per request: the loop that read the last answer closes with the
+    # reader role. The next caller, on a new loop or blocking, must take the role
+    # back itself, not wait for connshare's watch tick (60 s apart here) to do it.
+    if kind == "uvloop":
+        pytest.importorskip("uvloop")
+    _leader, follower = _pair(spawn, port, upstream.port, response_timeout=5.0)
+    follower.request("slow_watch", 60.0)
+    assert follower.request("acall_on_fresh_loop", "0", "aecho", ["a"], kind) == ("a", True)
+    assert follower.request("acall_on_fresh_loop", "0", "aecho", ["b"], kind) == ("b", True)
+    result, cpu_s = follower.request("cpu_call", "0", "sleep", [1.0])  # a blocking caller
+    assert result == 1.0
+    assert cpu_s < 0.3, f"the caller burned {cpu_s:.2f} s of CPU waiting 1 s for its answer"
+    assert follower.call("echo", "c") == "c"
+
+
 def test_many_short_lived_event_loops_are_not_remembered(port, upstream, spawn) -> None:
     # asyncio.run() per request (as async_to_sync does): each loop's awaited call
     # leaves an expiry timer record; closed loops must not pile up.
