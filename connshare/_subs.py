@@ -69,7 +69,11 @@ class Listener:
         if loop is None:
             loop = get_loop()
         elif loop.is_closed():
-            return
+            # Registered inside a loop that has ended (an asyncio.run()): dropping
+            # its values would be silent loss, so connshare's loop runs it from now on.
+            log.warning("listener %r was registered on an event loop that has closed; it runs on connshare's loop from now on", self.fn)
+            self.loop = self.thread = None
+            loop = get_loop()
         try:
             if _running_loop() is loop:  # read on that loop: no self-pipe wake-up
                 if now is not None and not _queued_home:

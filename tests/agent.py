@@ -131,7 +131,9 @@ class Agent:
     def op_invoke(self, cid: str, method: str, args: list) -> Any:
         return self.clients[cid].invoke(method, *args)
 
-    def op_subscribe(self, cid: str, reg: Any, tag: str, in_loop: bool = False, method: str = "subscribe") -> None:
+    def op_subscribe(self, cid: str, reg: Any, tag: str, in_loop: bool | str = False, method: str = "subscribe") -> None:
+        """``in_loop``: register from the agent's running loop (True), or from a loop
+        that ends right after (``"ended"``, as in an ``asyncio.run()``)."""
         c = self.clients[cid]
 
         def listener(value: Any) -> None:
@@ -147,7 +149,10 @@ class Agent:
             async def sub() -> None:
                 getattr(c, method)(reg, listener)
 
-            self._await(sub())
+            if in_loop == "ended":
+                asyncio.run(sub())
+            else:
+                self._await(sub())
         else:
             getattr(c, method)(reg, listener)
 

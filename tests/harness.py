@@ -97,7 +97,7 @@ class Worker:
     def role(self, cid: str = "0") -> dict:
         return self.request("role", cid)
 
-    def subscribe(self, reg: Any, tag: str, cid: str = "0", in_loop: bool = False) -> None:
+    def subscribe(self, reg: Any, tag: str, cid: str = "0", in_loop: bool | str = False) -> None:
         self.request("subscribe", cid, reg, tag, in_loop)
 
     def values(self, tag: str) -> list:

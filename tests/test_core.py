@@ -312,12 +312,16 @@ def test_listener_runs_on_the_loop_it_was_registered_from(port, upstream, spawn)
         w.ready()
         w.subscribe({"key": "L"}, "in-loop", in_loop=True)
         w.subscribe({"key": "L"}, "plain")
+        w.subscribe({"key": "L"}, "ended-loop", in_loop="ended")
     upstream.set("L", 1)
     for w in ws:
         _, meta = w.wait_event("in-loop", lambda v: v["value"] == 1)
         assert meta["on_agent_loop"] is True
         _, meta = w.wait_event("plain", lambda v: v["value"] == 1)
         assert meta["on_agent_loop"] is False and meta["thread"] == "connshare-loop"
+        # its loop is gone (an asyncio.run() that ended): connshare's loop runs it
+        _, meta = w.wait_event("ended-loop", lambda v: v["value"] == 1)
+        assert meta["thread"] == "connshare-loop"
 
 
 def test_blocking_call_on_connshares_thread_raises(port, upstream, spawn) -> None:
