@@ -49,17 +49,15 @@ def canonical(reg: Any) -> bytes:
 class Listener:
     """A listener and where it runs: the loop it was registered from, else connshare's."""
 
-    __slots__ = ("fn", "is_coro", "loop", "thread")
+    __slots__ = ("fn", "is_coro", "loop")
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.is_coro = inspect.iscoroutinefunction(fn)
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            self.thread: int | None = threading.get_ident()
         except RuntimeError:
             self.loop = None
-            self.thread = None
 
     def call(self, value: Any, now: list | None = None) -> None:
         """Run the listener with ``value`` on its loop. ``now``: the reader on
@@ -72,7 +70,7 @@ class Listener:
             # Registered inside a loop that has ended (an asyncio.run()): dropping
             # its values would be silent loss, so connshare's loop runs it from now on.
             log.warning("listener %r was registered on an event loop that has closed; it runs on connshare's loop from now on", self.fn)
-            self.loop = self.thread = None
+            self.loop = None
             loop = get_loop()
         try:
             if _running_loop() is loop:  # read on that loop: no self-pipe wake-up
