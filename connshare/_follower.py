@@ -434,9 +434,14 @@ class FollowerConnection:
         """Send a request from a coroutine on ``loop``; returns its id and a future on
         ``loop``. With ``deadline`` (``time.monotonic()``), the future fails with
         CallTimeoutError then, unless answered."""
-        busy = bool(self.pending)
+        # This loop's turn queues (_precork after a read that answered several of
+        # its callers: the first of their next requests must queue too, or it
+        # leaves alone, even with none left in flight, and the leader answers it
+        # alone), or other requests are in flight.
+        corked = self._cork is loop
+        busy = corked or bool(self.pending)
         # A queued frame is looked at when its queue is sent (_flush_locked).
-        self.check_usable(peek=not (busy and self._cork is loop))
+        self.check_usable(peek=not corked)
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
