@@ -49,15 +49,21 @@ class KVClient(Base):
             self._sock.sendall(json.dumps(msg).encode() + b"\n")
 
     def _read(self) -> None:
-        for line in self._rfile:
-            msg = json.loads(line)
-            if "event" in msg:
-                for fn in list(self._listeners.get(msg["event"], ())):
-                    fn({"key": msg["event"], "value": msg["value"], "leader": self.pid})
-            else:
-                ev, box = self._waiters.pop(msg["id"])
-                box.append(msg.get("value"))
-                ev.set()
+        try:
+            for line in self._rfile:
+                self._on_line(json.loads(line))
+        except (OSError, ValueError):
+            pass  # closed, or the upstream went away first (a test's teardown)
+
+    def _on_line(self, msg: dict) -> None:
+        if "event" in msg:
+            for fn in list(self._listeners.get(msg["event"], ())):
+                fn({"key": msg["event"], "value": msg["value"], "leader": self.pid})
+        else:
+            waiter = self._waiters.pop(msg["id"], None)
+            if waiter is not None:  # None: the get() gave up waiting
+                waiter[1].append(msg.get("value"))
+                waiter[0].set()
 
     # -- the data API ------------------------------------------------------------------
     def subscribe(self, reg: dict, listener: Any) -> None:

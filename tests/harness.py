@@ -127,6 +127,9 @@ class Worker:
             self.kill(signal.SIGCONT)
             self.kill(signal.SIGKILL)
         self.proc.join(10)
+        # The reader ends on the pipe's EOF; closing the pipe under it instead
+        # could make its recv() raise in a thread (or read a reused fd).
+        self._reader.join(10)
         self.conn.close()
 
 
