@@ -21,6 +21,7 @@ import time
 import weakref
 from typing import Any
 
+from . import _priority
 from ._election import Retry, connect_to_leader, port_owner, try_bind
 from ._errors import (
     CallTimeoutError,
@@ -295,18 +296,25 @@ class Node:
         self.leader_pid = os.getpid()
         self._listen_sock = sock
         log.info("pid %s leads port %s", os.getpid(), self.port)
-        self._accept_task = self.spawn(self._accept_loop(sock))
-        for st in list(self.channels.values()):
-            self._start_host(st)
-        interval = self.options.heartbeat_interval
-        while not self.closing:
-            if interval is None:
-                await asyncio.Event().wait()
-            await asyncio.sleep(interval)
-            silent = time.monotonic() - 3 * interval
-            for peer in list(self.peers):
-                if peer.open and peer.last_rx < silent:
-                    peer.drop(f"no heartbeat for {3 * interval:g} s")
+        nice = self.options.leader_nice
+        if nice is not None:
+            _priority.hold(nice)
+        try:
+            self._accept_task = self.spawn(self._accept_loop(sock))
+            for st in list(self.channels.values()):
+                self._start_host(st)
+            interval = self.options.heartbeat_interval
+            while not self.closing:
+                if interval is None:
+                    await asyncio.Event().wait()
+                await asyncio.sleep(interval)
+                silent = time.monotonic() - 3 * interval
+                for peer in list(self.peers):
+                    if peer.open and peer.last_rx < silent:
+                        peer.drop(f"no heartbeat for {3 * interval:g} s")
+        finally:
+            if nice is not None:
+                _priority.release(nice)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         while not self.leaving:

@@ -63,6 +63,10 @@ def _bool(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(isinstance(v, bool), a.name, "True or False", v)
 
 
+def _nice(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and -20 <= v <= 19), a.name, "None or an int -20..19", v)
+
+
 def _secret(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(v is None or (isinstance(v, (str, bytes)) and len(v) >= 16), a.name, "None or a str/bytes of 16+ characters", v)
 
@@ -117,6 +121,11 @@ class Options:
     max_buffered_bytes: int = attrs.field(default=32 * 1024 * 1024, validator=_positive_int)
     #: Threads the leader runs blocking methods in.
     worker_threads: int = attrs.field(default=16, validator=_positive_int)
+    #: While this process leads, run connshare's loop thread (and the threads it
+    #: starts) at this nice value, e.g. ``-5``: the leader serves every process,
+    #: and under CPU load the kernel's fair share starves it. Linux; a negative
+    #: value needs CAP_SYS_NICE or RLIMIT_NICE, else a warning. ``None``: untouched.
+    leader_nice: int | None = attrs.field(default=None, validator=_nice)
 
     def secret_bytes(self) -> bytes | None:
         s = self.secret

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 import signal
 import threading
@@ -476,15 +477,61 @@ class Agent:
 
         _follower._WATCH_S = seconds
 
+    def op_loop_nice(self) -> int:
+        """The nice value of connshare's loop thread in this process."""
+        from connshare import _loop
+
+        _loop.get_loop()
+        return os.getpriority(os.PRIO_PROCESS, _loop._thread.native_id)  # type: ignore[union-attr]
+
+    def op_warnings(self) -> list[str]:
+        """What connshare logged at WARNING or above in this process."""
+        return list(WARNINGS)
+
     def op_exit(self) -> None:
         os._exit(0)
 
 
-def agent_main(conn: Any, specs: list[dict]) -> None:
-    import logging
+#: connshare's warnings in this process, for op_warnings
+WARNINGS: list[str] = []
 
+
+class _Keep(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(WARNINGS) < 1000:
+            WARNINGS.append(record.getMessage())
+
+
+def drop_cap_sys_nice() -> None:
+    """This thread, and the threads it starts from now on, lose CAP_SYS_NICE: like
+    an unprivileged worker, they may not lower a nice value (capset is per thread)."""
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    hdr = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (Data * 2)()
+    if libc.capget(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capget failed")
+    cap = 1 << 23  # CAP_SYS_NICE
+    data[0].effective &= ~cap
+    data[0].permitted &= ~cap
+    if libc.capset(ctypes.byref(hdr), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def agent_main(conn: Any, specs: list[dict]) -> None:
     logging.basicConfig(level=os.environ.get("CONNSHARE_TEST_LOG", "WARNING"))
+    keep = _Keep(logging.WARNING)
+    logging.getLogger("connshare").addHandler(keep)
     try:
+        if any(s.get("no_cap_sys_nice") for s in specs):
+            drop_cap_sys_nice()  # before connshare's loop thread starts
         agent = Agent(conn, specs)
     except BaseException as exc:
         conn.send(("fatal", describe(exc)))

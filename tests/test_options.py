@@ -1,8 +1,14 @@
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 
 from connshare import DEFAULT_PORT, Base, ConfigurationError, Options, cluster
+from tests.conftest import kv_spec
+from tests.harness import wait_until
 
 
 class Thing(Base):
@@ -27,6 +33,8 @@ class Thing(Base):
         ({"max_frame_size": 0}, "max_frame_size"),
         ({"max_buffered_bytes": 1.5}, "max_buffered_bytes"),
         ({"transcode": object()}, "transcode"),
+        ({"leader_nice": -21}, "leader_nice"),
+        ({"leader_nice": 1.5}, "leader_nice"),
     ],
 )
 def test_a_bad_option_fails_at_once_naming_it(kwargs: dict, name: str) -> None:
@@ -76,3 +84,50 @@ def test_delegate_validation() -> None:
         b.delegate("wait_ready")
     with pytest.raises(ConfigurationError, match="client class"):
         cluster(Thing(), port=1234)  # type: ignore[arg-type]
+
+
+def _can_lower_nice() -> bool:
+    """Whether this process may lower a thread's nice value (CAP_SYS_NICE, RLIMIT_NICE)."""
+    tid = threading.get_native_id()
+    now = os.getpriority(os.PRIO_PROCESS, tid)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, now - 1)
+    except OSError:
+        return False
+    os.setpriority(os.PRIO_PROCESS, tid, now)
+    return True
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice is per thread on Linux only")
+
+
+@linux_only
+def test_the_leader_runs_its_loop_thread_at_leader_nice(port, upstream, spawn) -> None:
+    if not _can_lower_nice():
+        pytest.skip("lowering a nice value needs CAP_SYS_NICE or an RLIMIT_NICE allowance here")
+    a, b = spawn([kv_spec(port, upstream.port, leader_nice=-4)], [kv_spec(port, upstream.port, leader_nice=-4)])
+    for w in (a, b):
+        w.ready()
+    leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
+    assert leader.request("loop_nice") == -4
+    assert follower.request("loop_nice") == 0
+    assert follower.call("echo", 1) == 1
+    leader.stop()  # SIGKILL: the follower takes the lead, and the priority with it
+    wait_until(lambda: follower.role()["is_leader"], what="the follower to lead")
+    wait_until(lambda: follower.request("loop_nice") == -4, what="the new leader's loop thread at nice -4")
+    assert follower.call("echo", 2) == 2
+    follower.request("close", "0")  # it leads no more: its loop thread gets its old value back
+    wait_until(lambda: follower.request("loop_nice") == 0, what="the loop thread back at nice 0")
+
+
+@linux_only
+def test_a_refused_leader_nice_warns_and_the_leader_serves(port, upstream, spawn) -> None:
+    # A worker without CAP_SYS_NICE (a container's default) may not lower its nice
+    # value: connshare says so once and leads at the normal priority.
+    (w,) = spawn([{**kv_spec(port, upstream.port, leader_nice=-4), "no_cap_sys_nice": True}])
+    w.ready()
+    assert w.role()["is_leader"]
+    assert w.request("loop_nice") == 0
+    assert w.call("echo", 3) == 3
+    refused = [m for m in w.request("warnings") if "leader_nice=-4 was refused" in m]
+    assert len(refused) == 1, w.request("warnings")
