@@ -291,6 +291,14 @@ def _h_join(
     }
 
 
+def _h_loop_nice() -> int:
+    """The nice value of connshare's loop thread here."""
+    from connshare import _loop
+
+    _loop.get_loop()
+    return os.getpriority(os.PRIO_PROCESS, _loop._thread.native_id)  # type: ignore[union-attr]
+
+
 def _h_join_direct(upstream_port: int) -> dict[str, Any]:
     from benchmarks._dataclient import BenchDataClient
 

@@ -167,10 +167,18 @@ def call_latency(n: int = 20000, warmup: int = 1000) -> dict[str, Any]:
 
 
 def throughput(
-    followers: int = 3, inflight: int = 100, per_follower: int = 50000, threads: int = 8, per_thread: int = 2000, warmup: int = 1000
+    followers: int = 3,
+    inflight: int = 100,
+    per_follower: int = 50000,
+    threads: int = 8,
+    per_thread: int = 2000,
+    warmup: int = 1000,
+    leader_nice: int | None = -5,
 ) -> dict[str, Any]:
     """Leader + followers: each keeps ``inflight`` awaitable calls outstanding until it
-    completed ``per_follower``; then each runs ``threads`` threads of blocking calls."""
+    completed ``per_follower``; then each runs ``threads`` threads of blocking calls.
+    Then, with ``leader_nice`` (not None), the awaitable part again with a fresh
+    leader and followers built with that option (``nice_*``), side by side."""
     out: dict[str, Any] = {
         "followers": followers,
         "inflight": inflight,
@@ -186,6 +194,15 @@ def throughput(
         start = time.monotonic_ns() + int(0.3e9)
         res = gather(fs, "tp_threads", 300.0, threads=threads, per_thread=per_thread, warmup=50, start_at_ns=start)
         _tp(out, "threads", res)
+    if leader_nice is not None:
+        with UpstreamServer() as up, AgentSet() as s:
+            leader, fs = _leader_and_followers(s, followers, up, free_port(), _secret(), options={"leader_nice": leader_nice})
+            out["nice_leader_nice"] = leader_nice
+            # what the leader's loop thread runs at: the option is refused without CAP_SYS_NICE
+            out["nice_applied"] = leader.call("loop_nice")
+            start = time.monotonic_ns() + int(0.3e9)
+            res = gather(fs, "tp_async", 300.0, total=per_follower, inflight=inflight, warmup=warmup, start_at_ns=start)
+            _tp(out, "nice_async", res)
     return out
 
 

@@ -150,6 +150,7 @@ def fanout(w: dict[str, Any], out: Path) -> Path | None:
 def throughput(w: dict[str, Any], out: Path) -> Path | None:
     bars = [
         ("connshare\n3 x 100 in flight", "connshare_throughput", "async_calls_per_s", "tab:blue"),
+        ("connshare\nleader_nice=-5", "connshare_throughput", "nice_async_calls_per_s", "tab:green"),
         ("Node cluster-client\n3 x 100 in flight", "cluster_client_throughput", "calls_per_s", "tab:purple"),
         ("connshare\n3 x 8 threads", "connshare_throughput", "threads_calls_per_s", "tab:cyan"),
         ("BaseManager\n3 x 8 threads", "basemanager_throughput", "calls_per_s", "tab:gray"),
@@ -166,7 +167,7 @@ def throughput(w: dict[str, Any], out: Path) -> Path | None:
         colors.append(color)
     if not labels:
         return None
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     ax.bar(labels, meds, yerr=[lo, hi], color=colors, capsize=4)
     ax.axhline(100_000, color="tab:green", linestyle=":", label="target 100,000 calls/s")
     ax.set_ylabel("calls/s (median, min..max)")

@@ -269,6 +269,14 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         ("ge", [100000]),
     ),
     (
+        "Throughput calls/s: 3 followers x 100 in flight, leader_nice=-5",
+        ("connshare_throughput", ["nice_async_calls_per_s"]),
+        None,
+        None,
+        "",
+        None,
+    ),
+    (
         "Throughput calls/s: 3 followers x 8 threads, blocking",
         ("connshare_throughput", ["threads_calls_per_s"]),
         None,
