@@ -188,9 +188,7 @@ def throughput(
     }
     with UpstreamServer() as up, AgentSet() as s:
         _, fs = _leader_and_followers(s, followers, up, free_port(), _secret())
-        start = time.monotonic_ns() + int(0.3e9)
-        res = gather(fs, "tp_async", 300.0, total=per_follower, inflight=inflight, warmup=warmup, start_at_ns=start)
-        _tp(out, "async", res)
+        _tp_async(out, "async", fs, per_follower, inflight, warmup)
         start = time.monotonic_ns() + int(0.3e9)
         res = gather(fs, "tp_threads", 300.0, threads=threads, per_thread=per_thread, warmup=50, start_at_ns=start)
         _tp(out, "threads", res)
@@ -200,10 +198,14 @@ def throughput(
             out["nice_leader_nice"] = leader_nice
             # what the leader's loop thread runs at: the option is refused without CAP_SYS_NICE
             out["nice_applied"] = leader.call("loop_nice")
-            start = time.monotonic_ns() + int(0.3e9)
-            res = gather(fs, "tp_async", 300.0, total=per_follower, inflight=inflight, warmup=warmup, start_at_ns=start)
-            _tp(out, "nice_async", res)
+            _tp_async(out, "nice_async", fs, per_follower, inflight, warmup)
     return out
+
+
+def _tp_async(out: dict[str, Any], prefix: str, fs: list[Agent], per_follower: int, inflight: int, warmup: int) -> None:
+    start = time.monotonic_ns() + int(0.3e9)
+    res = gather(fs, "tp_async", 300.0, total=per_follower, inflight=inflight, warmup=warmup, start_at_ns=start)
+    _tp(out, prefix, res)
 
 
 def _tp(out: dict[str, Any], prefix: str, res: list[dict[str, Any]]) -> None:

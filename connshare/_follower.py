@@ -434,10 +434,10 @@ class FollowerConnection:
         """Send a request from a coroutine on ``loop``; returns its id and a future on
         ``loop``. With ``deadline`` (``time.monotonic()``), the future fails with
         CallTimeoutError then, unless answered."""
-        # This loop's turn queues (_precork after a read that answered several of
-        # its callers: the first of their next requests must queue too, or it
-        # leaves alone, even with none left in flight, and the leader answers it
-        # alone), or other requests are in flight.
+        # Queue behind this loop's turn when it is corked (_precork: a read answered
+        # several of its callers, and the first of their new requests would
+        # otherwise leave alone, none being left in flight, to be answered alone),
+        # or while other requests are in flight.
         corked = self._cork is loop
         busy = corked or bool(self.pending)
         # A queued frame is looked at when its queue is sent (_flush_locked).
