@@ -23,6 +23,7 @@ from ._protocol import (
     FollowerHandshake,
     FrameDecoder,
     HandshakeState,
+    MessageDecoder,
     Welcome,
     to_message,
 )
@@ -72,14 +73,14 @@ def port_owner(port: int) -> tuple[str | None, str | None]:
     return None, None
 
 
-Followed = tuple[socket.socket, FrameDecoder, "int | None", list[bytes]]
+Followed = tuple[socket.socket, MessageDecoder, "int | None", bytes]
 
 
 async def connect_to_leader(loop: asyncio.AbstractEventLoop, port: int, opts: Options, codec: Codec, secret: bytes) -> Followed:
-    """Connect to the port and pass the handshake: the socket, its decoder, the
-    leader's pid, and frames that came with WELCOME. Raises :class:`Retry` when the
-    election should go round again; PortInUseError, or an authentication, version
-    or limit error, when following there cannot work."""
+    """Connect to the port and pass the handshake: the socket, the decoder of its
+    messages, the leader's pid, and the bytes that came after WELCOME. Raises
+    :class:`Retry` when the election should go round again; PortInUseError, or an
+    authentication, version or limit error, when following there cannot work."""
     try:
         return await _connect(loop, port, opts, codec, secret)
     except PortInUseError:
@@ -108,7 +109,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
         await loop.sock_sendall(sock, codec.encode(hs.start()))
         end = loop.time() + opts.connect_timeout
         got_bytes = False
-        early: list[bytes] = []
+        early = b""
         while hs.state is not HandshakeState.OPEN:
             left = end - loop.time()
             try:
@@ -129,24 +130,23 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
                 raise Retry("hung up")  # a leader going away, or not a leader
             got_bytes = True
             try:
-                bodies = decoder.feed(data)
-                for i, body in enumerate(bodies):
+                decoder.push(data)
+                while (body := decoder.next()) is not None:
                     msg = to_message(codec.unpack(body))
                     if not isinstance(msg, (Challenge, Welcome, Error)):
                         raise ProtocolError(f"a {type(msg).__name__} during the handshake")
                     for reply in hs.receive(msg):
                         await loop.sock_sendall(sock, codec.encode(reply))
                     if hs.state is HandshakeState.OPEN:
-                        early = bodies[i + 1 :]
+                        early = decoder.rest()
                         break
             except (AuthenticationError, ProtocolVersionError, LimitExceededError):
                 raise
             except ProtocolError as exc:
                 owner, _ = port_owner(port)
                 raise PortInUseError(port, f"it does not speak connshare ({exc})", owner) from None
-        decoder.max_frame_size = opts.max_frame_size
         keep = True
-        return sock, decoder, hs.peer_pid, early
+        return sock, codec.decoder(opts.max_frame_size), hs.peer_pid, early
     finally:
         if not keep:
             sock.close()

@@ -50,7 +50,7 @@ from ._errors import (
     NotSentError,
     ProtocolError,
 )
-from ._protocol import T_RESULT, Codec, Error, FrameDecoder, MsgType
+from ._protocol import T_RESULT, Codec, Error, MessageDecoder, MsgType
 from ._remote import exception_from
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ class FollowerConnection:
         self,
         sock: socket.socket,
         codec: Codec,
-        decoder: FrameDecoder,
+        decoder: MessageDecoder,
         peer_pid: int | None,
         on_lost: Callable[[FollowerConnection, BaseException], None],
         on_frame: Callable[[FollowerConnection, list], None],
@@ -188,7 +188,7 @@ class FollowerConnection:
         self._close_deferred = False
         self._watch_armed = False  # the home loop's look at the role loop is scheduled
         self._home_closed = False
-        self._backlog: deque[bytes] = deque()  # frames read, not yet handled
+        self._backlog: deque[list] = deque()  # messages read, not yet handled
         #: frames queued by an event loop's turn (_send_in_turn), and that loop
         self._wbuf = bytearray()
         self._wrids: list[int] = []  # the requests whose frames wait in _wbuf
@@ -210,14 +210,13 @@ class FollowerConnection:
         #: what the home loop's selector watches
         self._home_fd = self._ep.fileno() if self._ep is not None else self._fd
 
-    def start(self, early: list[bytes]) -> None:
-        """Start reading (on the home loop); ``early`` holds frames that came with
-        the handshake."""
-        self._backlog.extend(early)
+    def start(self, early: bytes) -> None:
+        """Start reading (on the home loop); ``early`` holds the bytes that came
+        after the handshake."""
         with self._rtoken:
             self._here = self._home
             try:
-                self._consume(None)
+                self._consume(memoryview(early) if early else None)
             finally:
                 self._here = None
         self._home.add_reader(self._home_fd, self._home_read)
@@ -749,7 +748,7 @@ class FollowerConnection:
         self._settled_here = 0
         try:
             while backlog:
-                self._handle(self.codec.unpack(backlog.popleft()), batch)
+                self._handle(backlog.popleft(), batch)
         finally:
             for loop, items in batch.items():
                 _wake(loop, items)

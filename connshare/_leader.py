@@ -36,6 +36,7 @@ from ._protocol import (
     FrameDecoder,
     HandshakeState,
     LeaderHandshake,
+    MessageDecoder,
     MsgType,
     to_message,
 )
@@ -71,6 +72,8 @@ class PeerProtocol:
         # Until the peer has proved it knows the secret, a frame can only be a
         # handshake message: a stranger must not make us buffer max_frame_size.
         self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
+        #: the open connection's messages (after the handshake)
+        self.stream: MessageDecoder | None = None
         self.handshake = LeaderHandshake(node.secret)
         self.sock = sock
         self.fd = sock.fileno()
@@ -127,7 +130,7 @@ class PeerProtocol:
             if not self.open and self.handshake.state is HandshakeState.SENT_CHALLENGE:
                 # What a connshare follower with another secret does on our proof.
                 log.warning("leader: peer %s (pid %s) hung up during the handshake (another secret?)", self.addr, self.pid)
-            self._lost("closed the connection in the middle of a frame" if self.decoder.buffered else None)
+            self._lost("closed the connection in the middle of a message" if (self.stream or self.decoder).buffered else None)
             return
         self.data_received(memoryview(buf)[:n])
 
@@ -184,15 +187,16 @@ class PeerProtocol:
     def data_received(self, data: bytes | memoryview) -> None:
         self.last_rx = time.monotonic()
         try:
-            bodies = self.decoder.feed(data)
-            for body in bodies:
+            stream = self.stream
+            if stream is None:
+                data = self._handshake_data(data)
+                stream = self.stream
+                if stream is None or not data:
+                    return
+            for wire in stream.feed(data):
                 if self.closed or self._closing_after_flush:
                     return  # being closed: nothing more it sends is read
-                wire = self.codec.unpack(body)
-                if self.open:
-                    self._dispatch(wire)
-                else:
-                    self._handshake_step(wire)
+                self._dispatch(wire)
         except ProtocolError as exc:
             self.drop(f"protocol error: {exc}")
         except Exception as exc:  # a bug of ours must not take the leader down
@@ -309,6 +313,20 @@ class PeerProtocol:
         if not self.open:
             self.drop("no handshake within connect_timeout")
 
+    def _handshake_data(self, data: bytes | memoryview) -> bytes:
+        """Take the handshake's frames from ``data``; returns the bytes after the
+        handshake, once it is done (messages of the open connection)."""
+        decoder = self.decoder
+        decoder.push(data)
+        while not (self.closed or self._closing_after_flush):
+            body = decoder.next()
+            if body is None:
+                return b""
+            self._handshake_step(self.codec.unpack(body))
+            if self.open:
+                return decoder.rest()
+        return b""
+
     def _handshake_step(self, wire: list) -> None:
         try:
             replies = self.handshake.receive(to_message(wire))
@@ -321,7 +339,7 @@ class PeerProtocol:
             self.write(self.codec.encode(m))
         if self.handshake.state is HandshakeState.OPEN:
             self.open = True
-            self.decoder.max_frame_size = self.options.max_frame_size
+            self.stream = self.codec.decoder(self.options.max_frame_size)
             if self._hs_timer is not None:
                 self._hs_timer.cancel()
             if self.node.leaving:

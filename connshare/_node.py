@@ -248,7 +248,7 @@ class Node:
                 self._channel_failed(st, exc)
 
     async def _elect(self) -> Any:
-        """A listening socket if we won, else (connection, early frames)."""
+        """A listening socket if we won, else (connection, the bytes after its handshake)."""
         opts = self.options
         loop = self.loop
         deadline = loop.time() + opts.max_wait_time
@@ -285,7 +285,7 @@ class Node:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    async def _connect(self) -> tuple[FollowerConnection, list[bytes]]:
+    async def _connect(self) -> tuple[FollowerConnection, bytes]:
         sock, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
         return FollowerConnection(sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame, self.loop), early
 
@@ -428,7 +428,7 @@ class Node:
 
     # -- following --------------------------------------------------------------------------
 
-    async def _follow(self, conn: FollowerConnection, early: list[bytes]) -> None:
+    async def _follow(self, conn: FollowerConnection, early: bytes) -> None:
         self.role = Role.FOLLOWER
         self.conn = conn
         self.leader_pid = conn.peer_pid

@@ -25,16 +25,23 @@ HEADER = struct.Struct(">I")
 
 
 def frame(body: bytes) -> bytes:
+    """A handshake frame: the body's length, then the body."""
     return HEADER.pack(len(body)) + body
 
 
 def pack(wire: Any) -> bytes:
-    """One frame of any msgpack value (no shape or key checks: that is the point)."""
-    return frame(msgpack.packb(wire, use_bin_type=True))
+    """One message of an open connection, of any msgpack value (no shape or key
+    checks: that is the point)."""
+    return msgpack.packb(wire, use_bin_type=True)
+
+
+def hs_pack(wire: Any) -> bytes:
+    """One handshake frame of any msgpack value."""
+    return frame(pack(wire))
 
 
 def unpack_first(data: bytes) -> Any:
-    """The value of the first frame in ``data``."""
+    """The value of the first handshake frame in ``data``."""
     (n,) = HEADER.unpack_from(data)
     return msgpack.unpackb(data[4 : 4 + n], raw=False)
 
@@ -55,6 +62,9 @@ class RawPeer:
         self.leader_pid: int | None = None
         self.auth_proof: bytes | None = None
         self._rids = iter(range(1, 1 << 62))
+        #: past the handshake: messages have no length prefix, and arrive here
+        self.open = False
+        self._stream = msgpack.Unpacker(raw=False, strict_map_key=False)
         self.log_mark = 0  # where a LogCapture stood when this peer connected
 
     # -- bytes ---------------------------------------------------------------------------
@@ -68,18 +78,31 @@ class RawPeer:
         return True
 
     def send(self, wire: Any) -> bool:
-        return self.send_raw(pack(wire))
+        """Send one message: a handshake frame until the handshake is done."""
+        return self.send_raw(pack(wire) if self.open else hs_pack(wire))
+
+    def _next(self) -> Any:
+        """The next whole message buffered, or None."""
+        if self.open:
+            try:
+                return next(self._stream)
+            except StopIteration:
+                return None
+        if len(self._buf) >= 4:
+            (n,) = HEADER.unpack_from(self._buf)
+            if len(self._buf) >= 4 + n:
+                body = bytes(self._buf[4 : 4 + n])
+                del self._buf[: 4 + n]
+                return msgpack.unpackb(body, raw=False, strict_map_key=False)
+        return None
 
     def recv(self, timeout: float = 5.0) -> list:
         """The next message (a wire array); raises Closed on EOF/RST, TimeoutError."""
         deadline = time.monotonic() + timeout
         while True:
-            if len(self._buf) >= 4:
-                (n,) = HEADER.unpack_from(self._buf)
-                if len(self._buf) >= 4 + n:
-                    body = bytes(self._buf[4 : 4 + n])
-                    del self._buf[: 4 + n]
-                    return msgpack.unpackb(body, raw=False, strict_map_key=False)
+            msg = self._next()
+            if msg is not None:
+                return msg
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no message from the leader")
@@ -92,7 +115,10 @@ class RawPeer:
                 raise Closed("reset") from None
             if not data:
                 raise Closed("eof")
-            self._buf += data
+            if self.open:
+                self._stream.feed(data)
+            else:
+                self._buf += data
 
     def recv_until(self, pred: Callable[[list], bool], timeout: float = 5.0) -> tuple[list, list]:
         """Read until a message matches ``pred``: (that message, those before it)."""
@@ -132,8 +158,9 @@ class RawPeer:
         self.send([MsgType.HELLO, magic, version, os.getpid(), self.nonce])
         return self.recv()
 
-    def handshake(self, secret: bytes | str) -> None:
-        """Authenticate with ``secret``, checking the leader's proof like a follower."""
+    def handshake(self, secret: bytes | str, pipelined: bytes = b"") -> None:
+        """Authenticate with ``secret``, checking the leader's proof like a follower;
+        ``pipelined``: bytes sent right behind AUTH, in the same send()."""
         key = secret.encode() if isinstance(secret, str) else secret
         challenge = self.hello()
         assert challenge[0] == MsgType.CHALLENGE, challenge
@@ -141,9 +168,12 @@ class RawPeer:
         assert proof == _proof(key, b"L", self.nonce, leader_nonce), "the leader does not know the secret"
         self.leader_pid = pid
         self.auth_proof = _proof(key, b"F", leader_nonce, self.nonce)
-        self.send([MsgType.AUTH, self.auth_proof])
+        self.send_raw(hs_pack([MsgType.AUTH, self.auth_proof]) + pipelined)
         welcome = self.recv()
         assert welcome == [MsgType.WELCOME], welcome
+        self.open = True
+        self._stream.feed(bytes(self._buf))  # what came after WELCOME
+        self._buf.clear()
 
     def rid(self) -> int:
         return next(self._rids)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import connshare
 from connshare import FrameTooLargeError, LimitExceededError, NotReadyError, ProtocolError
 from connshare._loop import get_loop
-from connshare._protocol import MESSAGES, ONEWAY, Codec, ErrorCode, FrameDecoder, MsgType, check_shape, to_message
+from connshare._protocol import MESSAGES, ONEWAY, Codec, ErrorCode, FrameDecoder, MessageDecoder, MsgType, check_shape, to_message
 from tests.conftest import pick_port
 from tests.harness import AgentError, Worker, wait_until
 from tests.hostile_clients import BlastClient, blast_spec, in_process_leader
@@ -98,20 +98,13 @@ def requests(ch: int, first_rid: int) -> st.SearchStrategy[list]:
 
 def leader_refuses(data: bytes) -> bool:
     """The model: does a leader drop the peer that sends ``data`` (after the
-    handshake)? A frame too large, a body that is not a well-shaped message, or a
+    handshake)? A message too large, bytes that are not a well-shaped message, or a
     message only a leader or a handshake may send."""
     try:
-        bodies = FrameDecoder(MAX_FRAME).feed(data)
-    except FrameTooLargeError:
+        wires = MessageDecoder(MAX_FRAME).feed(data)
+    except ProtocolError:
         return True
-    for body in bodies:
-        try:
-            wire = Codec(MAX_FRAME).unpack(body)
-        except ProtocolError:
-            return True
-        if wire[0] not in FOLLOWER_TYPES:
-            return True
-    return False
+    return any(wire[0] not in FOLLOWER_TYPES for wire in wires)
 
 
 FOLLOWER_TYPES = {MsgType.INVOKE, MsgType.PING, MsgType.PONG, MsgType.SUBSCRIBE, MsgType.UNSUBSCRIBE, MsgType.PUBLISH, MsgType.REGISTER}
@@ -135,14 +128,17 @@ def _mutate(wire: list, i: int, value: Any, how: int) -> list:
 def poison(ch: int) -> st.SearchStrategy[bytes]:
     """Bytes, arriving after the handshake, that must get the peer dropped."""
     return st.one_of(
-        # a frame over max_frame_size: refused from its header alone
-        st.builds(lambda n, tail: HEADER.pack(n) + tail, st.integers(MAX_FRAME + 1, 2**32 - 1), st.binary(max_size=32)),
-        # not msgpack (0xc1 is never valid), or nothing, or two values in one frame
-        st.builds(lambda b: frame(b"\xc1" + b), st.binary(max_size=32)),
-        st.just(frame(b"")),
-        st.builds(lambda w, v: frame(msgpack.packb(w) + msgpack.packb(v)), requests(ch, 1), values),
+        # a container announcing more items than max_frame_size: refused from its header alone
+        st.builds(
+            lambda c, n, tail: c + HEADER.pack(n) + tail,
+            st.sampled_from([b"\xdd", b"\xdf"]),
+            st.integers(MAX_FRAME + 1, 2**32 - 1),
+            st.binary(max_size=32),
+        ),
+        # not msgpack (0xc1 is never valid)
+        st.builds(lambda b: b"\xc1" + b, st.binary(max_size=32)),
         # valid msgpack of the wrong shape
-        any_values.map(lambda v: frame(msgpack.packb(v))),
+        any_values.map(msgpack.packb),
         st.builds(_mutate, requests(ch, 1), st.integers(0, 7), any_values, st.integers(0, 2)).map(pack),
         # unknown message types
         st.builds(
@@ -156,11 +152,11 @@ def poison(ch: int) -> st.SearchStrategy[bytes]:
         st.builds(lambda r: pack([MsgType.SUBSCRIBE, r, ch, "subscribe", {"key": "k"}]), bad_rids),
         # map keys other than str/bytes, and strings that are not UTF-8
         st.builds(lambda k: pack([MsgType.INVOKE, 1, ch, "echo", [{k: 1}], {}, 0, None]), ints | st.booleans() | st.none() | st.floats()),
-        st.sampled_from([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0"]).map(lambda s: frame(b"\x93\x0a\x01" + bytes([0xA0 | len(s)]) + s)),
+        st.sampled_from([b"\xff\xfe", b"\xc3\x28", b"\xed\xa0"]).map(lambda s: b"\x93\x0a\x01" + bytes([0xA0 | len(s)]) + s),
     ).filter(leader_refuses)
 
 
-# -- the frame decoder and the codec, without sockets ----------------------------------------
+# -- the decoders and the codec, without sockets ----------------------------------------
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -198,6 +194,81 @@ def test_decoder_refuses_an_oversized_frame_from_its_header_alone(n: int, split:
     assert dec.feed(header[:split]) == []
     with pytest.raises(FrameTooLargeError):
         dec.feed(header[split:])
+
+
+def _split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    wires=st.lists(requests(1, 1) | st.sampled_from(sorted(MESSAGES)).flatmap(well_shaped), max_size=8),
+    cuts=st.lists(st.integers(0, 3000), max_size=12),
+)
+def test_message_decoder_reassembles_messages_however_the_stream_is_split(wires: list[list], cuts: list[int]) -> None:
+    stream = b"".join(msgpack.packb(w) for w in wires)
+    dec = MessageDecoder(1000)
+    out = []
+    for piece in _split_at(stream, cuts):
+        out += dec.feed(piece)
+        assert dec.buffered <= 1000
+    assert [msgpack.packb(w) for w in out] == [msgpack.packb(w) for w in wires]  # (bytes: NaN != NaN)
+    assert dec.buffered == 0
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(data=st.binary(max_size=2000), cuts=st.lists(st.integers(0, 2000), max_size=8), limit=st.integers(1, 600))
+def test_message_decoder_on_random_bytes_gives_messages_or_protocol_error_only(data: bytes, cuts: list[int], limit: int) -> None:
+    dec = MessageDecoder(limit)
+    for piece in _split_at(data, cuts):
+        try:
+            wires = dec.feed(piece)
+        except ProtocolError:
+            return  # the leader drops the peer here (FrameTooLargeError is one)
+        for wire in wires:
+            check_shape(wire)
+        assert dec.buffered <= limit  # memory stays bounded by the limit
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    item=st.sampled_from([None, 1, "abc", [1, 2]]),
+    piece=st.integers(1, 700),
+    whole_ok=st.booleans(),
+)
+def test_message_decoder_refuses_a_message_over_the_limit_once_that_much_arrived(item: Any, piece: int, whole_ok: bool) -> None:
+    # Many small items: the unpacker parses them as they come, so only counting
+    # the message's bytes can refuse it.
+    big = msgpack.packb([MsgType.INVOKE, 1, 1, "echo", [item] * 600, {}, 0, None])
+    assert len(big) > 600
+    limit = len(big) if whole_ok else 500
+    dec = MessageDecoder(limit)
+    fed = 0
+    try:
+        for i in range(0, len(big), piece):
+            dec.feed(big[i : i + piece])
+            fed += len(big[i : i + piece])
+    except FrameTooLargeError as exc:
+        assert not whole_ok and f"max_frame_size={limit}" in str(exc)
+        assert fed <= limit  # refused before more than the limit plus one piece was held
+    else:
+        assert whole_ok and dec.buffered == 0
+
+
+@pytest.mark.parametrize("head", [b"\xdd", b"\xdf"])  # array 32, map 32
+def test_message_decoder_refuses_a_container_announcing_too_many_items_from_its_header(head: bytes) -> None:
+    dec = MessageDecoder(1000)
+    with pytest.raises(FrameTooLargeError, match="max_frame_size=1000"):
+        dec.feed(b"\x98" + head + HEADER.pack(5000))
+
+
+def test_message_decoder_takes_one_read_of_many_small_messages_larger_than_the_limit() -> None:
+    ping = msgpack.packb([MsgType.PING, 7])
+    dec = MessageDecoder(100)
+    data = ping * 1000 + ping[:2]
+    assert len(dec.feed(data)) == 1000 and dec.buffered == 2
+    assert dec.feed(ping[2:]) == [[MsgType.PING, 7]]
 
 
 @settings(max_examples=300, deadline=None, database=None)
@@ -385,7 +456,7 @@ def test_an_oversized_frame_drops_only_its_sender(arena: Arena, spawn) -> None:
     with arena.good_follower_calling():
         with arena.peer() as p:
             p.register("b")
-            p.send_raw(HEADER.pack(MAX_FRAME + 1))  # the header is enough
+            p.send_raw(b"\xdd" + HEADER.pack(MAX_FRAME + 1))  # an array announcing that many items: its header is enough
             assert p.wait_closed(5) == []
             assert arena.dropped(p, f"max_frame_size={MAX_FRAME}")
         # a connshare follower configured with a larger max_frame_size than the leader

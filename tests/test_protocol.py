@@ -98,6 +98,50 @@ def test_decoder_handles_any_split() -> None:
         assert dec.buffered == 0
 
 
+def test_messages_of_an_open_connection_round_trip_however_split() -> None:
+    codec = Codec()
+    stream = b"".join(codec.pack(m.to_wire()) for m in EXAMPLES)  # type: ignore[attr-defined]
+    assert stream == b"".join(msgpack.packb(m.to_wire()) for m in EXAMPLES)  # type: ignore[attr-defined]  # no length prefix
+    for step in (1, 2, 3, 5, 7, 64, 1000):
+        # as a connection feeds it: views of one read buffer, overwritten by the
+        # next read (no message may point into it)
+        dec = codec.decoder()
+        out = []
+        scratch = bytearray(step)
+        for i in range(0, len(stream), step):
+            chunk = stream[i : i + step]
+            scratch[: len(chunk)] = chunk
+            out += dec.feed(memoryview(scratch)[: len(chunk)])
+            scratch[:] = b"\xff" * len(scratch)
+        assert [to_message(w) for w in out] == EXAMPLES
+        assert dec.buffered == 0
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb({"a": 1}), "non-empty array"),
+        (msgpack.packb([99, 1]), "unknown message type"),
+        (msgpack.packb([MsgType.INVOKE, -1, 1, "m", [], {}, 0, None]), "non-negative"),
+        (msgpack.packb([MsgType.EVENT, 1, {1: "int key"}]), "not valid msgpack"),
+        (msgpack.packb([MsgType.PING, 1]) + b"\xc1", "not valid msgpack"),
+    ],
+)
+def test_malformed_messages_of_an_open_connection_raise_protocol_error(data: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        Codec().decoder().feed(data)
+
+
+def test_the_message_decoder_takes_its_limit_from_the_codec() -> None:
+    big = Codec().pack(Result(1, "x" * 100).to_wire())
+    assert Codec(max_frame_size=1000).decoder().feed(big) == [Result(1, "x" * 100).to_wire()]
+    with pytest.raises(FrameTooLargeError, match="max_frame_size=50"):
+        Codec(max_frame_size=50).decoder().feed(big)
+    with pytest.raises(FrameTooLargeError, match="max_frame_size=50"):
+        Codec(max_frame_size=50).pack(Result(1, "x" * 100).to_wire())
+
+
 def test_oversized_frame_is_refused_from_its_header() -> None:
     dec = FrameDecoder(max_frame_size=100)
     with pytest.raises(FrameTooLargeError, match="101 bytes"):
@@ -210,6 +254,9 @@ def test_transcode_carries_user_types() -> None:
     codec = Codec(transcode=Transcode(encode=enc, decode=lambda code, data: decimal.Decimal(data.decode())))
     body = codec.encode(Result(1, [decimal.Decimal("1.25")]))[4:]
     assert to_message(codec.unpack(body)) == Result(1, [decimal.Decimal("1.25")])
+    # and on an open connection
+    (wire,) = codec.decoder().feed(codec.pack(Result(2, [decimal.Decimal("2.5")]).to_wire()))
+    assert to_message(wire) == Result(2, [decimal.Decimal("2.5")])
 
 
 def test_no_pickle_anywhere_in_the_package() -> None:

@@ -28,7 +28,7 @@ from connshare._protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgType, _pr
 from connshare._secret import load_or_create_secret, secret_dir, secret_path
 from tests.harness import AgentError, wait_until
 from tests.hostile_clients import TRANSCODE, BlastClient, Money, blast_spec, in_process_leader
-from tests.rawpeer import HEADER, FakeServer, LogCapture, RawPeer, pack, unpack_first
+from tests.rawpeer import HEADER, FakeServer, LogCapture, RawPeer, hs_pack, pack, unpack_first
 
 SECRET = "the secret of this app, 32 chars"
 OTHER = "the secret of another app, too!!"
@@ -157,10 +157,10 @@ def _hostile_replayed_proof(p: RawPeer, legit: RawPeer) -> None:
 def _hostile_pipelined(p: RawPeer, legit: RawPeer) -> None:
     # Everything at once, without waiting for the challenge.
     p.send_raw(
-        pack([MsgType.HELLO, MAGIC, PROTOCOL_VERSION, os.getpid(), p.nonce])
-        + pack([MsgType.AUTH, b"\0" * 32])
-        + pack([MsgType.REGISTER, 1, "b"])
-        + pack([MsgType.SUBSCRIBE, 2, 1, "subscribe", {"key": "guarded"}])
+        hs_pack([MsgType.HELLO, MAGIC, PROTOCOL_VERSION, os.getpid(), p.nonce])
+        + hs_pack([MsgType.AUTH, b"\0" * 32])
+        + hs_pack([MsgType.REGISTER, 1, "b"])
+        + hs_pack([MsgType.SUBSCRIBE, 2, 1, "subscribe", {"key": "guarded"}])
     )
 
 
@@ -228,6 +228,16 @@ def test_a_stranger_cannot_make_the_leader_buffer_a_large_frame(port, logs) -> N
         assert any("max_frame_size" in m for m in logs.about(p.addr))
 
 
+def test_messages_sent_right_behind_the_handshake_are_served(port) -> None:
+    # The handshake's messages carry a length and the open connection's do not:
+    # both kinds in one read are told apart.
+    with in_process_leader(port, secret=SECRET), RawPeer(port) as p:
+        p.handshake(SECRET, pipelined=pack([MsgType.PING, 7]) + pack([MsgType.REGISTER, 1, "b"]))
+        assert p.recv() == [MsgType.PONG, 7]
+        assert p.recv()[:2] == [MsgType.RESULT, 1]
+        assert p.invoke(p.register("b"), "echo", "after")[2] == "after"
+
+
 def _agent_error(fn: Callable[[], Any]) -> AgentError:
     with pytest.raises(AgentError) as info:
         fn()
@@ -258,7 +268,7 @@ def _challenge_reply(version: int = PROTOCOL_VERSION, magic: str = MAGIC, key: b
         hello = unpack_first(hello_frame)
         nonce = os.urandom(16)
         proof = _proof(key, b"L", hello[4], nonce) if key else os.urandom(32)
-        return pack([MsgType.CHALLENGE, magic, version, 4242, nonce, proof])
+        return hs_pack([MsgType.CHALLENGE, magic, version, 4242, nonce, proof])
 
     return reply
 
@@ -266,9 +276,9 @@ def _challenge_reply(version: int = PROTOCOL_VERSION, magic: str = MAGIC, key: b
 IMPOSTORS = {
     "leader without the secret": (_challenge_reply(), AuthenticationError),
     "leader of another app": (_challenge_reply(key=OTHER.encode()), AuthenticationError),
-    "leader of protocol 2": (_challenge_reply(version=PROTOCOL_VERSION + 1), ProtocolVersionError),
+    "leader of a newer protocol": (_challenge_reply(version=PROTOCOL_VERSION + 1), ProtocolVersionError),
     "leader refusing our version": (
-        lambda _: pack([MsgType.ERROR, 0, ErrorCode.VERSION, "ProtocolVersionError", "leader speaks protocol 2", [], ""]),
+        lambda _: hs_pack([MsgType.ERROR, 0, ErrorCode.VERSION, "ProtocolVersionError", "leader speaks another protocol", [], ""]),
         ProtocolVersionError,
     ),
     "another msgpack protocol": (_challenge_reply(magic="not-connshare"), PortInUseError),
