@@ -489,12 +489,15 @@ class MessageDecoder:
         unpacker = self._unpacker
         tell = unpacker.tell
         end = self._end
+        fed = self._fed
         out = []
         try:
             for wire in unpacker:
                 end = tell()
                 check_shape(wire)
                 out.append(wire)
+                if end == fed:
+                    break  # the usual read, whole messages: no StopIteration to raise
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack (or a transcode decode) raises many types
