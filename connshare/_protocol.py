@@ -457,6 +457,11 @@ class FrameDecoder:
         return len(self._buf)
 
 
+#: a message that spans this many bytes of reads leaves the unpacker's buffer as
+#: large: it is replaced at the next message boundary
+_RENEW_AFTER = 1 << 20
+
+
 class MessageDecoder:
     """Splits an open connection's byte stream into messages and decodes them, in C:
     a msgpack value says where it ends, so one ``msgpack.Unpacker`` takes each read
@@ -469,10 +474,15 @@ class MessageDecoder:
 
     def __init__(self, max_size: int = DEFAULT_MAX_FRAME_SIZE, ext_hook: Callable[[int, bytes], Any] = msgpack.ExtType):
         self.max_size = max_size
-        # max_buffer_size also caps each string's and container's announced length.
-        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, ext_hook=ext_hook, max_buffer_size=max_size)
+        self._ext_hook = ext_hook
+        self._unpacker = self._new_unpacker()
         self._fed = 0  # bytes fed in all
         self._end = 0  # where the last whole message ended
+        self._grown = False  # the unpacker held a large message: replace it
+
+    def _new_unpacker(self) -> msgpack.Unpacker:
+        # max_buffer_size also caps each string's and container's announced length.
+        return msgpack.Unpacker(raw=False, strict_map_key=True, ext_hook=self._ext_hook, max_buffer_size=self.max_size)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[list[Any]]:
         """The wire arrays, shape-checked, of every message completed by ``data``.
@@ -505,10 +515,19 @@ class MessageDecoder:
                 raise FrameTooLargeError(f"a message exceeds max_frame_size={self.max_size} ({exc})") from exc
             raise ProtocolError(f"a message is not valid msgpack: {exc}") from exc
         self._end = end
+        partial = self._fed - end
         # The unpacker parses a message's first items before its last arrive:
         # only counting its bytes bounds one made of many small items.
-        if self._fed - end > self.max_size:
+        if partial > self.max_size:
             raise FrameTooLargeError(f"a message exceeds max_frame_size={self.max_size}")
+        if partial > _RENEW_AFTER:
+            self._grown = True
+        elif not partial and self._grown:
+            # Its buffer never shrinks: a fresh one, at a message boundary, gives
+            # back what one large message took.
+            self._unpacker = self._new_unpacker()
+            self._fed = self._end = 0
+            self._grown = False
         return out
 
     def _feed_in_pieces(self, view: memoryview) -> list[list[Any]]:

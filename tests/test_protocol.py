@@ -142,6 +142,27 @@ def test_the_message_decoder_takes_its_limit_from_the_codec() -> None:
         Codec(max_frame_size=50).pack(Result(1, "x" * 100).to_wire())
 
 
+def test_the_message_decoder_gives_back_a_large_message_s_buffer() -> None:
+    # The unpacker's buffer never shrinks: one 4 MB value would stay held per
+    # connection for its life.
+    import tracemalloc
+
+    dec = Codec().decoder()
+    big = msgpack.packb([MsgType.RESULT, 1, b"x" * (4 << 20)])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(big), 256 << 10):  # as the reads bring it
+            got = dec.feed(big[i : i + (256 << 10)])
+        assert len(got) == 1 and len(got[0][2]) == 4 << 20
+        del got
+        assert dec.feed(msgpack.packb([MsgType.PING, 1])) == [[MsgType.PING, 1]]
+        # (a fresh unpacker allocates 1 MiB, of which the untouched pages stay out of RSS)
+        assert tracemalloc.get_traced_memory()[0] - before < 2 << 20
+    finally:
+        tracemalloc.stop()
+
+
 def test_oversized_frame_is_refused_from_its_header() -> None:
     dec = FrameDecoder(max_frame_size=100)
     with pytest.raises(FrameTooLargeError, match="101 bytes"):
