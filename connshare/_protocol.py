@@ -13,7 +13,8 @@ then that many bytes of msgpack (:class:`FrameDecoder`). A peer of another proto
 version, or a program that is not connshare, is then told apart by a bounded read.
 Once the connection is open, messages follow each other with no length: a msgpack
 value says where it ends, and one ``msgpack.Unpacker`` splits and decodes a whole
-read in C (:class:`MessageDecoder`). That halved what decoding costs per message.
+read in C (:class:`MessageDecoder`): a third less per message than splitting frames
+in Python and unpacking each one.
 
 No pickle, ever: values are msgpack types, plus whatever the ``transcode`` option
 turns into msgpack ``ExtType`` values. Map keys must be ``str`` or ``bytes``.
