@@ -26,6 +26,7 @@ from connshare._protocol import (
     Hello,
     Invoke,
     LeaderHandshake,
+    MessageDecoder,
     MsgType,
     Ping,
     Pong,
@@ -84,18 +85,23 @@ def test_decoder_handles_any_split() -> None:
             out += dec.feed(stream[i : i + step])
         assert [to_message(codec.unpack(b)) for b in out] == EXAMPLES
         assert dec.buffered == 0
-        # as a connection feeds it: views of one read buffer, overwritten by the
-        # next read (no body may point into it)
         dec = FrameDecoder()
-        out = []
-        scratch = bytearray(step)
-        for i in range(0, len(stream), step):
-            chunk = stream[i : i + step]
-            scratch[: len(chunk)] = chunk
-            out += dec.feed(memoryview(scratch)[: len(chunk)])
-            scratch[:] = b"\xff" * len(scratch)
+        out = _feed_as_a_connection(dec, stream, step)
         assert [to_message(codec.unpack(b)) for b in out] == EXAMPLES
         assert dec.buffered == 0
+
+
+def _feed_as_a_connection(dec: FrameDecoder | MessageDecoder, stream: bytes, step: int) -> list:
+    """Feed ``stream`` as a connection does: views of one read buffer of ``step``
+    bytes, overwritten by the next read (nothing decoded may point into it)."""
+    out = []
+    scratch = bytearray(step)
+    for i in range(0, len(stream), step):
+        chunk = stream[i : i + step]
+        scratch[: len(chunk)] = chunk
+        out += dec.feed(memoryview(scratch)[: len(chunk)])
+        scratch[:] = b"\xff" * len(scratch)
+    return out
 
 
 def test_messages_of_an_open_connection_round_trip_however_split() -> None:
@@ -103,16 +109,8 @@ def test_messages_of_an_open_connection_round_trip_however_split() -> None:
     stream = b"".join(codec.pack(m.to_wire()) for m in EXAMPLES)  # type: ignore[attr-defined]
     assert stream == b"".join(msgpack.packb(m.to_wire()) for m in EXAMPLES)  # type: ignore[attr-defined]  # no length prefix
     for step in (1, 2, 3, 5, 7, 64, 1000):
-        # as a connection feeds it: views of one read buffer, overwritten by the
-        # next read (no message may point into it)
         dec = codec.decoder()
-        out = []
-        scratch = bytearray(step)
-        for i in range(0, len(stream), step):
-            chunk = stream[i : i + step]
-            scratch[: len(chunk)] = chunk
-            out += dec.feed(memoryview(scratch)[: len(chunk)])
-            scratch[:] = b"\xff" * len(scratch)
+        out = _feed_as_a_connection(dec, stream, step)
         assert [to_message(w) for w in out] == EXAMPLES
         assert dec.buffered == 0
 
