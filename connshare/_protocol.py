@@ -535,13 +535,13 @@ class MessageDecoder:
         """Feed no more than the unpacker may hold unparsed: one read may bring
         more than ``max_size`` bytes of small messages."""
         out: list[list[Any]] = []
-        unpacker = self._unpacker
         while view:
-            room = self.max_size - (self._fed - unpacker.tell())
+            # (each piece may end a large message, which renews the unpacker)
+            room = self.max_size - (self._fed - self._unpacker.tell())
             if room <= 0:
                 raise FrameTooLargeError(f"a message exceeds max_frame_size={self.max_size}")
             piece, view = view[:room], view[room:]
-            unpacker.feed(piece)
+            self._unpacker.feed(piece)
             self._fed += len(piece)
             out += self._messages()
         return out

@@ -6,7 +6,7 @@ import attrs
 import msgpack
 import pytest
 
-from connshare import EncodeError, FrameTooLargeError, ProtocolError, Transcode
+from connshare import EncodeError, FrameTooLargeError, ProtocolError, Transcode, _protocol
 from connshare._errors import AuthenticationError, ProtocolVersionError
 from connshare._protocol import (
     HEADER,
@@ -159,6 +159,21 @@ def test_the_message_decoder_gives_back_a_large_message_s_buffer() -> None:
         assert tracemalloc.get_traced_memory()[0] - before < 2 << 20
     finally:
         tracemalloc.stop()
+
+
+def test_the_message_decoder_renews_its_unpacker_inside_a_large_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A read larger than the limit is fed in pieces; a piece that ends a large
+    # message renews the unpacker, and the next pieces must go to the new one.
+    monkeypatch.setattr(_protocol, "_RENEW_AFTER", 100)
+    big = msgpack.packb([MsgType.RESULT, 1, b"x" * 300])
+    ping, ping5 = msgpack.packb([MsgType.PING, 7]), msgpack.packb([MsgType.PING, 300])
+    for pad in range(3):  # moves where the pieces end
+        for n in range(150, 400):
+            dec = MessageDecoder(500)
+            assert dec.feed(big[:200]) == []
+            got = dec.feed(big[200:] + ping5 * pad + ping * n)
+            assert got == [[MsgType.RESULT, 1, b"x" * 300]] + [[MsgType.PING, 300]] * pad + [[MsgType.PING, 7]] * n
+            assert dec.buffered == 0
 
 
 def test_oversized_frame_is_refused_from_its_header() -> None:
