@@ -72,13 +72,12 @@ class PeerProtocol:
         # Until the peer has proved it knows the secret, a frame can only be a
         # handshake message: a stranger must not make us buffer max_frame_size.
         self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
-        #: the open connection's messages (after the handshake)
+        #: the open connection's messages: set once the handshake is done
         self.stream: MessageDecoder | None = None
         self.handshake = LeaderHandshake(node.secret)
         self.sock = sock
         self.fd = sock.fileno()
         self.addr: Any = sock.getpeername()
-        self.open = False
         self.closed = False
         self.channels: dict[int, ChannelHost] = {}
         self.subs: dict[int, tuple[ChannelHost, KeyState]] = {}
@@ -94,6 +93,11 @@ class PeerProtocol:
         self._hs_timer: asyncio.TimerHandle | None = None
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def open(self) -> bool:
+        """The handshake is done."""
+        return self.stream is not None
 
     @property
     def inflight(self) -> int:
@@ -338,7 +342,6 @@ class PeerProtocol:
         for m in replies:
             self.write(self.codec.encode(m))
         if self.handshake.state is HandshakeState.OPEN:
-            self.open = True
             self.stream = self.codec.decoder(self.options.max_frame_size)
             if self._hs_timer is not None:
                 self._hs_timer.cancel()
