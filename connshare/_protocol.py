@@ -516,7 +516,7 @@ class MessageDecoder:
                 raise FrameTooLargeError(f"a message exceeds max_frame_size={self.max_size} ({exc})") from exc
             raise ProtocolError(f"a message is not valid msgpack: {exc}") from exc
         self._end = end
-        partial = self._fed - end
+        partial = fed - end
         # The unpacker parses a message's first items before its last arrive:
         # only counting its bytes bounds one made of many small items.
         if partial > self.max_size:
