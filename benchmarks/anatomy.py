@@ -162,6 +162,12 @@ def _client_reader_thread(sock: socket.socket, n: int) -> list[int]:
 
 def one(loop_kind: str, task: bool, client: str, n: int, warmup: int) -> float:
     """p50 in µs of one pair."""
+    samples = pair_samples(loop_kind, task, client, n, warmup)
+    return samples[len(samples) // 2] / 1000
+
+
+def pair_samples(loop_kind: str, task: bool, client: str, n: int, warmup: int) -> list[int]:
+    """The sorted round trips in ns of ``n`` sequential calls through one minimal pair."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     proc = ctx.Process(target=_server, args=(q, loop_kind, task), daemon=True)
@@ -178,7 +184,7 @@ def one(loop_kind: str, task: bool, client: str, n: int, warmup: int) -> float:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
-    return samples[len(samples) // 2] / 1000
+    return samples
 
 
 def _push_receiver(port: int, handoff: bool, out: Any) -> None:

@@ -7,6 +7,10 @@
   processes" alternative.
 * ``direct_call``: a plain in-process method call, i.e. what the leader's own calls
   could cost at best.
+* ``asyncio_pair``: the floor of the call targets' design, with no connshare code: an
+  asyncio loop answering msgpack echo calls, inline or from a Task running a
+  coroutine echo, and a blocking client that reads its own answers (the minimal
+  pairs of ``benchmarks.anatomy``, framed as protocol 1 framed its messages).
 * ``fanout_floor``: 100 bytes stamped once and sent to 3 idle processes in turn,
   each blocked in ``recv``: what a leader's fan-out to 3 followers costs at best
   (from ``benchmarks.anatomy``).
@@ -43,7 +47,7 @@ from benchmarks._common import (
     recv_exact,
     summarize_all,
 )
-from benchmarks.anatomy import idle_push, kill_floor
+from benchmarks.anatomy import idle_push, kill_floor, pair_samples
 
 PAYLOAD = "x" * 100
 PAYLOAD_BYTES = PAYLOAD.encode()
@@ -298,6 +302,16 @@ def direct_call(n: int = 200000) -> dict[str, Any]:
     }
 
 
+def asyncio_pair(n: int = 20000, warmup: int = 1000) -> dict[str, Any]:
+    """Sequential call µs p50 / p99 through a minimal asyncio server: ``inline_*``
+    answers in its reader callback, ``task_*`` from a Task per call."""
+    out: dict[str, Any] = {}
+    for name, task in (("inline", False), ("task", True)):
+        for key, value in percentiles(pair_samples("asyncio", task, "direct", n, warmup)).items():
+            out[f"{name}_{key}"] = value
+    return out
+
+
 def fanout_floor(receivers: int = 3, events: int = 1000, interval_ms: float = 10.0) -> dict[str, Any]:
     """Delivery µs p50 / p99 of one event to ``receivers`` idle processes in turn."""
     p50, p99 = idle_push(False, n=events, interval_s=interval_ms / 1000.0, receivers=receivers)
@@ -316,6 +330,7 @@ FULL: dict[str, dict[str, int]] = {
     "basemanager_echo": {"n": 20000, "warmup": 1000},
     "basemanager_throughput": {"followers": 3, "threads": 8, "calls": 24000},
     "direct_call": {"n": 200000},
+    "asyncio_pair": {"n": 20000, "warmup": 1000},
     "fanout_floor": {"receivers": 3, "events": 1000},
     "failover_floor": {"trials": 10},
 }
@@ -324,6 +339,7 @@ QUICK: dict[str, dict[str, int]] = {
     "basemanager_echo": {"n": 3000, "warmup": 300},
     "basemanager_throughput": {"followers": 3, "threads": 8, "calls": 4800},
     "direct_call": {"n": 50000},
+    "asyncio_pair": {"n": 3000, "warmup": 300},
     "fanout_floor": {"receivers": 3, "events": 50},
     "failover_floor": {"trials": 3},
 }
@@ -332,6 +348,7 @@ WORKLOADS: dict[str, Callable[..., dict[str, Any]]] = {
     "basemanager_echo": basemanager_echo,
     "basemanager_throughput": basemanager_throughput,
     "direct_call": direct_call,
+    "asyncio_pair": asyncio_pair,
     "fanout_floor": fanout_floor,
     "failover_floor": failover_floor,
 }
@@ -340,6 +357,7 @@ SHOWN = {
     "basemanager_echo": ["p50_us", "p99_us"],
     "basemanager_throughput": ["calls_per_s"],
     "direct_call": ["p50_us", "p99_us", "batch_mean_us"],
+    "asyncio_pair": ["inline_p50_us", "inline_p99_us", "task_p50_us", "task_p99_us"],
     "fanout_floor": ["p50_us", "p99_us"],
     "failover_floor": ["eof_median_ms", "port_free_median_ms", "port_free_max_ms"],
 }

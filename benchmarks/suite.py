@@ -261,6 +261,22 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         None,
     ),
     (
+        "Floor µs p50 / p99: minimal asyncio server answering inline, caller reads its own answer (no connshare)",
+        ("asyncio_pair", ["inline_p50_us", "inline_p99_us"]),
+        None,
+        None,
+        "",
+        None,
+    ),
+    (
+        "Floor µs p50 / p99: the same, answering from a Task per call (coroutine echo)",
+        ("asyncio_pair", ["task_p50_us", "task_p99_us"]),
+        None,
+        None,
+        "",
+        None,
+    ),
+    (
         "Throughput calls/s: 3 followers x 100 in flight",
         ("connshare_throughput", ["async_calls_per_s"]),
         ("cluster_client_throughput", ["calls_per_s"]),
