@@ -7,7 +7,7 @@
   processes" alternative.
 * ``direct_call``: a plain in-process method call, i.e. what the leader's own calls
   could cost at best.
-* ``asyncio_pair``: the floor of the call targets' design, with no connshare code: an
+* ``asyncio_pair``: the call targets' design at its smallest, with no connshare code: an
   asyncio loop answering msgpack echo calls, inline or from a Task running a
   coroutine echo, and a blocking client that reads its own answers (the minimal
   pairs of ``benchmarks.anatomy``, framed as protocol 1 framed its messages).

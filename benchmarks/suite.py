@@ -261,7 +261,7 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         None,
     ),
     (
-        "Floor µs p50 / p99: minimal asyncio server answering inline, caller reads its own answer (no connshare)",
+        "Minimal pair µs p50 / p99: asyncio server answering inline, caller reads its own answer (no connshare)",
         ("asyncio_pair", ["inline_p50_us", "inline_p99_us"]),
         None,
         None,
@@ -269,7 +269,7 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         None,
     ),
     (
-        "Floor µs p50 / p99: the same, answering from a Task per call (coroutine echo)",
+        "Minimal pair µs p50 / p99: the same, answering from a Task per call (coroutine echo)",
         ("asyncio_pair", ["task_p50_us", "task_p99_us"]),
         None,
         None,
