@@ -371,7 +371,18 @@ class FollowerConnection:
 
     def request_sync(self, wire_without_rid: list, timeout: float) -> Any:
         """Send a request from a blocking caller and wait for its answer."""
-        self.check_usable()
+        # check_usable(), its usual outcome inline: every step is paid per call
+        try:
+            usable = (
+                _TCP_INFO is not None
+                and self.lost is None
+                and not self.unresponsive
+                and self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1) == _ESTABLISHED
+            )
+        except OSError:
+            usable = False
+        if not usable:
+            self.check_usable()
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
@@ -397,7 +408,13 @@ class FollowerConnection:
                 raise
             if reading:
                 while lock.locked() and not self._finished and time.monotonic() < deadline:
-                    self._read_once(0)
+                    mine = self._read_once(0, rid)
+                    # Our answer, alone in its read, goes straight back to us; unless
+                    # the request was failed meanwhile (its lock tells the outcome).
+                    if mine is not None and self.pending.pop(rid, None) is not None:
+                        if self.draining and not self.pending:
+                            self.close()
+                        return mine[2]
         finally:
             if reading:
                 self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
@@ -705,28 +722,35 @@ class FollowerConnection:
             except OSError:
                 pass
 
-    def _read_once(self, flags: int) -> None:
-        """One recv and the frames it completes (with the read token held)."""
+    def _read_once(self, flags: int, rid: int = -1) -> list | None:
+        """One recv and the frames it completes (with the read token held). With
+        ``rid``, a blocking caller reading its own answer: a read that brings
+        that RESULT alone returns it unhandled, for the caller to take."""
         try:
             n = self.sock.recv_into(self._buf, 0, flags)
         except (BlockingIOError, InterruptedError):
-            return  # nothing yet; or a reading caller's time slice passed
+            return None  # nothing yet; or a reading caller's time slice passed
         except OSError as exc:
             self._finish(LeaderLostError(f"connection to the leader broke: {exc}"))
-            return
+            return None
         if not n:
             self._finish(LeaderLostError("the leader closed the connection"))
-            return
+            return None
         self.last_rx = time.monotonic()
         if self.unresponsive:
             self.unresponsive = False
             log.info("the leader (pid %s) answers again", self.peer_pid)
-        self._consume(self._view[:n])
+        return self._consume(self._view[:n], rid)
 
-    def _consume(self, data: memoryview | None) -> None:
+    def _consume(self, data: memoryview | None, rid: int = -1) -> list | None:
         try:
             if data is not None:
-                self._backlog.extend(self.decoder.feed(data))
+                msgs = self.decoder.feed(data)
+                if len(msgs) == 1 and not self._backlog:
+                    wire = msgs[0]
+                    if wire[0] == T_RESULT and wire[1] == rid:
+                        return wire
+                self._backlog.extend(msgs)
             self._drain()
         except ProtocolError as exc:
             log.error("leader (pid %s) broke the protocol: %s", self.peer_pid, exc)
