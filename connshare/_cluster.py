@@ -211,7 +211,8 @@ def _proxy(spec: MethodSpec) -> Callable[..., Any]:
     elif spec.to == "invoke":
 
         def call(self: ClusterClient, *args: Any, **kwargs: Any) -> Any:
-            forbid_loop_thread(f"the blocking call {name}()")
+            if on_loop_thread():  # the message is built only for the error
+                forbid_loop_thread(f"the blocking call {name}()")
             node = self._node or self._live_node()
             return node.invoke_sync(self._state, spec, args, kwargs, self._timeout)  # type: ignore[arg-type]
 

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Coroutine
+from threading import get_ident
 from typing import Any, TypeVar
 
 from ._errors import ConcurrencyError
@@ -29,11 +30,13 @@ T = TypeVar("T")
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
+#: the loop thread's ident: checked on every blocking call
+_ident: int | None = None
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
     """connshare's loop in this process, started on first use."""
-    global _loop, _thread
+    global _loop, _thread, _ident
     loop = _loop
     if loop is not None:
         return loop
@@ -50,6 +53,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
             _thread = threading.Thread(target=run, name="connshare-loop", daemon=True)
             _thread.start()
             started.wait()
+            _ident = _thread.ident
             _loop = loop
         return _loop
 
@@ -67,13 +71,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def loop_thread_id() -> int | None:
-    t = _thread
-    return t.ident if t is not None else None
+    return _ident
 
 
 def on_loop_thread() -> bool:
-    t = _thread
-    return t is not None and t.ident == threading.get_ident()
+    return _ident == get_ident()
 
 
 def forbid_loop_thread(what: str) -> None:
@@ -96,12 +98,13 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
 
 
 def _after_fork_in_child() -> None:
-    global _loop, _thread, _lock
+    global _loop, _thread, _ident, _lock
     # The loop's thread does not exist in the child; its selector and self-pipe are
     # shared with the parent. Forget them without closing (closing would touch fds
     # the parent still uses).
     _loop = None
     _thread = None
+    _ident = None
     _lock = threading.Lock()
 
 

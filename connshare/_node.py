@@ -606,13 +606,12 @@ class Node:
     def invoke_sync(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict, timeout: float) -> Any:
         start = time.monotonic()
         deadline = start + timeout
-        wait_until = min(deadline, start + self.options.max_wait_time)
         route = state.route
         stale = None
         attempts: _Attempts | None = None
         while True:
             if route is None or route is stale:
-                route = self._route_sync(state, stale, wait_until)
+                route = self._route_sync(state, stale, min(deadline, start + self.options.max_wait_time))
             if type(route) is ChannelHost:
                 return self._local_sync(route, spec.name, args, kwargs, deadline)
             conn, wire_id = route
