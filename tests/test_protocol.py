@@ -115,6 +115,35 @@ def test_messages_of_an_open_connection_round_trip_however_split() -> None:
         assert dec.buffered == 0
 
 
+def test_the_message_decoder_reads_lone_and_grouped_messages_alike() -> None:
+    # A read of one whole message takes a shorter path than the stream's; reads
+    # of one, several and parts of messages, in any order, give the same messages.
+    codec = Codec()
+    wires = [m.to_wire() for m in EXAMPLES] * 3  # type: ignore[attr-defined]
+    bodies = [codec.pack(w) for w in wires]
+    for groups in ([1, 1, 3, 1, 2, 1], [2, 1, 1], [1], [4, 1, 1, 1]):
+        dec = codec.decoder()
+        out: list = []
+        i = 0
+        while i < len(bodies):
+            for g in groups:
+                chunk = b"".join(bodies[i : i + g])
+                if g == 2 and chunk:  # a message split across two reads
+                    out += dec.feed(chunk[:7])
+                    chunk = chunk[7:]
+                out += dec.feed(chunk)
+                i += g
+        assert out == wires
+        assert dec.buffered == 0
+
+
+def test_a_whole_message_over_the_limit_is_refused_in_any_read() -> None:
+    small, big = msgpack.packb([MsgType.PING, 1]), msgpack.packb([MsgType.RESULT, 1, "x" * 200])
+    for data in (big, big + small, small + big):
+        with pytest.raises(FrameTooLargeError, match="max_frame_size=100"):
+            MessageDecoder(100).feed(data)
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
