@@ -748,8 +748,24 @@ class FollowerConnection:
                 msgs = self.decoder.feed(data)
                 if len(msgs) == 1 and not self._backlog:
                     wire = msgs[0]
-                    if wire[0] == T_RESULT and wire[1] == rid:
-                        return wire
+                    if wire[0] == T_RESULT:
+                        if wire[1] == rid:
+                            return wire
+                        # One answer to a coroutine of the loop that reads: settled
+                        # here, as _drain would, minus its batch and dispatch.
+                        p = self.pending.get(wire[1])
+                        here = self._here
+                        if p is not None and p.loop is here and here is not None and p.hook is None:
+                            del self.pending[wire[1]]
+                            fut = p.fut
+                            if not fut.done():  # type: ignore[union-attr]
+                                fut.set_result(wire[2])  # type: ignore[union-attr]
+                            self._got_mine = True
+                            if self.pending:
+                                self._precork(here)
+                            elif self.draining:
+                                self.close()
+                            return None
                 self._backlog.extend(msgs)
             self._drain()
         except ProtocolError as exc:
