@@ -480,7 +480,6 @@ class MessageDecoder:
         self._fed = 0  # bytes fed in all
         self._end = 0  # where the last whole message ended
         self._grown = False  # the unpacker held a large message: replace it
-        self._lone = True  # the last read brought exactly one whole message
 
     def _new_unpacker(self) -> msgpack.Unpacker:
         # max_buffer_size also caps each string's and container's announced length.
@@ -490,54 +489,27 @@ class MessageDecoder:
         """The wire arrays, shape-checked, of every message completed by ``data``.
         Raises ProtocolError (FrameTooLargeError for a message over ``max_size``);
         the stream cannot be read on after that."""
-        if self._lone and self._fed == self._end:
-            # Nothing buffered, and the last read held one message, as one call at
-            # a time brings: one unpackb decodes it for a third of what the
-            # stream's feed and iteration cost. Anything else it raises on goes
-            # the stream's way.
-            try:
-                wire = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=self._ext_hook)
-            except msgpack.ExtraData as more:
-                # More messages behind the first: the stream takes the next reads
-                # (raising ExtraData costs more than it saves).
-                self._lone = False
-                if len(data) - len(more.extra) > self.max_size:
-                    raise FrameTooLargeError(f"a message exceeds max_frame_size={self.max_size}") from None
-                wire = more.unpacked
-                check_shape(wire)
-                return [wire, *self._feed_stream(more.extra)]
-            except Exception:
-                pass  # incomplete, or invalid: the stream tells which
-            else:
-                if len(data) > self.max_size:
-                    raise FrameTooLargeError(f"a message exceeds max_frame_size={self.max_size}")
-                check_shape(wire)
-                return [wire]
-        out = self._feed_stream(data)
-        self._lone = len(out) == 1 and self._fed == self._end
-        return out
-
-    def _feed_stream(self, data: bytes | bytearray | memoryview) -> list[list[Any]]:
+        # One body for every read (no helper frame): most reads hold one message.
+        unpacker = self._unpacker
         try:
-            self._unpacker.feed(data)
+            unpacker.feed(data)
         except msgpack.BufferFull:  # unparsed bytes would exceed max_size
             return self._feed_in_pieces(memoryview(data))
-        self._fed += len(data)
-        return self._messages()
-
-    def _messages(self) -> list[list[Any]]:
-        unpacker = self._unpacker
-        tell = unpacker.tell
+        fed = self._fed = self._fed + len(data)
         end = self._end
-        fed = self._fed
         out = []
         try:
             for wire in unpacker:
-                end = tell()
+                end = unpacker.tell()
                 check_shape(wire)
                 out.append(wire)
                 if end == fed:
-                    break  # the usual read, whole messages: no StopIteration to raise
+                    # The usual read, whole messages: no StopIteration to raise,
+                    # and nothing partial left to bound.
+                    self._end = end
+                    if self._grown:
+                        self._renew()
+                    return out
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack (or a transcode decode) raises many types
@@ -553,12 +525,15 @@ class MessageDecoder:
         if partial > _RENEW_AFTER:
             self._grown = True
         elif not partial and self._grown:
-            # Its buffer never shrinks: a fresh one, at a message boundary, gives
-            # back what one large message took.
-            self._unpacker = self._new_unpacker()
-            self._fed = self._end = 0
-            self._grown = False
+            self._renew()
         return out
+
+    def _renew(self) -> None:
+        """At a message boundary, after a large message: the unpacker's buffer never
+        shrinks, so a fresh one gives back what that message took."""
+        self._unpacker = self._new_unpacker()
+        self._fed = self._end = 0
+        self._grown = False
 
     def _feed_in_pieces(self, view: memoryview) -> list[list[Any]]:
         """Feed no more than the unpacker may hold unparsed: one read may bring
@@ -572,7 +547,7 @@ class MessageDecoder:
             piece, view = view[:room], view[room:]
             self._unpacker.feed(piece)
             self._fed += len(piece)
-            out += self._messages()
+            out += self.feed(b"")  # the messages that piece completed
         return out
 
     @property

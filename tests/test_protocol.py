@@ -116,8 +116,9 @@ def test_messages_of_an_open_connection_round_trip_however_split() -> None:
 
 
 def test_the_message_decoder_reads_lone_and_grouped_messages_alike() -> None:
-    # A read of one whole message takes a shorter path than the stream's; reads
-    # of one, several and parts of messages, in any order, give the same messages.
+    # A read that ends on a message boundary returns as soon as it gets there;
+    # reads of one, several and parts of messages, in any order, give the same
+    # messages and leave nothing buffered.
     codec = Codec()
     wires = [m.to_wire() for m in EXAMPLES] * 3  # type: ignore[attr-defined]
     bodies = [codec.pack(w) for w in wires]
