@@ -258,6 +258,10 @@ class Agent:
         conn = self.clients[cid]._node.conn
         return None if conn is None else id(conn)
 
+    def op_inflight(self, cid: str) -> int:
+        """How many calls the client's node runs for others (as leader) now."""
+        return self.clients[cid]._node.inflight
+
     def op_loops_remembered(self, cid: str) -> int:
         """How many event loops the connection keeps an expiry timer record for."""
         return len(self.clients[cid]._node.conn._expiry)

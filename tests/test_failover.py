@@ -109,6 +109,24 @@ def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
     assert upstream.wait_for(lambda s: s.live_connections == 1, 10)
 
 
+def test_a_handoff_ends_once_the_last_blocking_answer_is_read(port, upstream, spawn) -> None:
+    # The GOODBYE and the answer come in separate reads; the caller reads its own
+    # answer, and the drained connection must close then, not at the leader's grace
+    # (response_timeout, 5 s here), which close() would otherwise wait out.
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(2)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    caller = next(w for w in ws if w is not leader)
+    caller.request("call_in_thread", "0", "sleep", [1.0], "slow")
+    wait_until(lambda: leader.request("inflight", "0") >= 1, what="the call running on the leader")
+    t0 = time.monotonic()
+    leader.request("close", "0")
+    took = time.monotonic() - t0
+    assert caller.request("join_call", "slow") == ("ok", 1.0)
+    assert took < FAST["response_timeout"] - 1.5, f"close() waited {took:.1f} s: the follower kept the drained connection open"
+
+
 def test_idempotent_calls_are_sent_again_once(port, upstream, spawn) -> None:
     delegates = ["whoami", ["sleep", "invoke", {"idempotent": True}], ["asleep", "invoke", {"idempotent": True}]]
     ws = spawn(*[[kv_spec(port, upstream.port, delegates=delegates, **FAST)] for _ in range(3)])
