@@ -24,6 +24,15 @@ def _leader(ws: list[Worker]) -> Worker:
     return wait_until(find, what="a leader")
 
 
+def _pair(port, upstream, spawn) -> tuple[Worker, Worker]:
+    """Two ready workers: the leader and a follower."""
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(2)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    return leader, next(w for w in ws if w is not leader)
+
+
 def _everyone_gets(ws: list[Worker], upstream, keys: tuple[str, ...], value: object) -> None:
     for k in keys:
         upstream.set(k, value)
@@ -113,11 +122,7 @@ def test_a_handoff_ends_once_the_last_blocking_answer_is_read(port, upstream, sp
     # The GOODBYE and the answer come in separate reads; the caller reads its own
     # answer, and the drained connection must close then, not at the leader's grace
     # (response_timeout, 5 s here), which close() would otherwise wait out.
-    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(2)])
-    for w in ws:
-        w.ready()
-    leader = _leader(ws)
-    caller = next(w for w in ws if w is not leader)
+    leader, caller = _pair(port, upstream, spawn)
     caller.request("call_in_thread", "0", "sleep", [1.0], "slow")
     wait_until(lambda: leader.request("inflight", "0") >= 1, what="the call running on the leader")
     t0 = time.monotonic()
@@ -153,11 +158,7 @@ def test_idempotent_calls_are_sent_again_once(port, upstream, spawn) -> None:
 
 
 def test_non_idempotent_call_in_flight_raises_leader_lost(port, upstream, spawn) -> None:
-    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(2)])
-    for w in ws:
-        w.ready()
-    leader = _leader(ws)
-    caller = next(w for w in ws if w is not leader)
+    leader, caller = _pair(port, upstream, spawn)
     cid = next(caller._ids)
     caller.conn.send((cid, "call", ("0", "sleep", [1.0])))
     time.sleep(0.2)
