@@ -371,18 +371,7 @@ class FollowerConnection:
 
     def request_sync(self, wire_without_rid: list, timeout: float) -> Any:
         """Send a request from a blocking caller and wait for its answer."""
-        # check_usable(), its usual outcome inline: every step is paid per call
-        try:
-            usable = (
-                _TCP_INFO is not None
-                and self.lost is None
-                and not self.unresponsive
-                and self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1) == _ESTABLISHED
-            )
-        except OSError:
-            usable = False
-        if not usable:
-            self.check_usable()
+        self.check_usable()
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
@@ -752,18 +741,14 @@ class FollowerConnection:
                         if wire[1] == rid:
                             return wire
                         # One answer to a coroutine of the loop that reads: settled
-                        # here, as _drain would, minus its batch and dispatch.
+                        # here, as _drain would, minus its backlog, batch and dispatch.
                         p = self.pending.get(wire[1])
                         here = self._here
                         if p is not None and p.loop is here and here is not None and p.hook is None:
                             del self.pending[wire[1]]
-                            fut = p.fut
-                            if not fut.done():  # type: ignore[union-attr]
-                                fut.set_result(wire[2])  # type: ignore[union-attr]
-                            self._got_mine = True
-                            if self.pending:
-                                self._precork(here)
-                            elif self.draining:
+                            self._answer(p, True, wire[2], None)
+                            self._settled_mine(1)
+                            if self.draining and not self.pending:
                                 self.close()
                             return None
                 self._backlog.extend(msgs)
@@ -792,11 +777,14 @@ class FollowerConnection:
         finally:
             for loop, items in batch.items():
                 _wake(loop, items)
-            mine = self._settled_here
-            if mine:  # the reading loop's own callers were answered, in place
-                self._got_mine = True
-                if mine > 1 or self.pending:  # not for a lone caller
-                    self._precork(self._here)  # type: ignore[arg-type]
+            if self._settled_here:
+                self._settled_mine(self._settled_here)
+
+    def _settled_mine(self, mine: int) -> None:
+        """A read settled ``mine`` answers of the reading loop's own callers in place."""
+        self._got_mine = True
+        if mine > 1 or self.pending:  # not for a lone caller
+            self._precork(self._here)  # type: ignore[arg-type]
 
     _settled_here = 0
     #: listeners to run once the home loop's read is done (see _read_if_reader)
