@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ._deadlines import LoopDeadlines
 from ._errors import (
     CallTimeoutError,
     ConnshareError,
@@ -197,8 +198,8 @@ class FollowerConnection:
         self._cork: asyncio.AbstractEventLoop | None = None
         self._corks = 0  # how many turns have queued; the watchdog spots a stuck one
         self._corks_seen = -1
-        #: per event loop: the earliest deadline its expiry sweep is set for
-        self._expiry: dict[asyncio.AbstractEventLoop, tuple[float, asyncio.TimerHandle]] = {}
+        #: awaited requests' deadlines: one timer per event loop
+        self._deadlines = LoopDeadlines(self._expire_due)
         self._buf = bytearray(256 * 1024)
         self._view = memoryview(self._buf)
         self._fd = sock.fileno()
@@ -463,30 +464,13 @@ class FollowerConnection:
             self.pending.pop(rid, None)
             raise
         if deadline is not None:
-            self._expire_at(loop, deadline)
+            self._deadlines.arm(loop, deadline)
         return rid, p.fut  # type: ignore[return-value]
 
     # -- deadlines of awaited requests ------------------------------------------------------
-    # One timer per event loop, set for the earliest deadline, instead of a timer per
-    # request: arming and cancelling a timer per call cost more than the call's send.
 
-    def _expire_at(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
-        """On ``loop``'s thread: have its sweep run by ``deadline``."""
-        armed = self._expiry.get(loop)
-        if armed is not None:
-            if armed[0] <= deadline:
-                return
-            armed[1].cancel()
-        elif len(self._expiry) > 8:  # forget loops that closed with a sweep set
-            for old in [lp for lp in list(self._expiry) if lp.is_closed()]:
-                self._expiry.pop(old, None)
-        handle = loop.call_later(max(deadline - time.monotonic(), 0.0), self._sweep, loop)
-        self._expiry[loop] = (deadline, handle)
-
-    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Fail ``loop``'s requests past their deadline; set the next sweep."""
-        self._expiry.pop(loop, None)
-        now = time.monotonic()
+    def _expire_due(self, loop: asyncio.AbstractEventLoop, now: float) -> float | None:
+        """On ``loop``: fail its requests past their deadline; the next deadline."""
         upcoming: float | None = None
         for rid, p in list(self.pending.items()):
             if p.loop is not loop or p.deadline is None:
@@ -498,8 +482,7 @@ class FollowerConnection:
                 p.fut.set_exception(  # type: ignore[union-attr]
                     CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {p.timeout} s")
                 )
-        if upcoming is not None:
-            self._expire_at(loop, upcoming)
+        return upcoming
 
     # -- an event loop as the reader -------------------------------------------------------
 

@@ -264,7 +264,7 @@ class Agent:
 
     def op_loops_remembered(self, cid: str) -> int:
         """How many event loops the connection keeps an expiry timer record for."""
-        return len(self.clients[cid]._node.conn._expiry)
+        return len(self.clients[cid]._node.conn._deadlines.armed)
 
     def op_call_running(self, name: str) -> bool:
         return self.loopers[name]["thread"].is_alive()

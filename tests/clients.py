@@ -137,6 +137,11 @@ class KVClient(Base):
             raise
         return seconds
 
+    async def astall(self, seconds: float) -> float:
+        """A coroutine method that blocks the loop it runs on (a bug in a real client)."""
+        time.sleep(seconds)
+        return seconds
+
     async def acancel_self(self) -> str:
         """Cancel the task this call runs in, and return without waiting."""
         asyncio.current_task().cancel()  # type: ignore[union-attr]

@@ -189,6 +189,32 @@ def test_the_leaders_own_call_of_a_coroutine_method_from_another_thread(port, up
     assert w.request(op, "0", "aecho", ["after"]) == "after"
 
 
+def test_the_leaders_own_awaited_call_times_out_while_connshares_loop_is_stuck(port, upstream, spawn) -> None:
+    # The deadline of a call awaited on the app's loop is kept on that loop: a real
+    # client that blocks connshare's loop must not hold the caller past it. Calls
+    # before it leave that loop's one expiry timer set for an earlier deadline.
+    w = spawn([kv_spec(port, upstream.port, delegates=["aecho", "astall"], response_timeout=0.5)])[0]
+    w.ready()
+    assert w.role()["is_leader"]
+    for i in range(3):
+        assert w.request("acall", "0", "aecho", [i]) == i
+    t0 = time.monotonic()
+    with pytest.raises(AgentError) as info:
+        w.request("acall", "0", "astall", [3.0])
+    took = time.monotonic() - t0
+    assert info.value.isa("CallTimeoutError"), info.value
+    assert took < 2.0, f"the await ended after {took:.2f} s, with connshare's loop stuck for 3 s"
+
+    def answers_again() -> bool:
+        try:
+            return w.request("acall", "0", "aecho", ["after"]) == "after"
+        except AgentError as exc:  # calls made while the loop is still stuck time out too
+            assert exc.isa("CallTimeoutError"), exc
+            return False
+
+    wait_until(answers_again, what="calls to be answered once connshare's loop is free")
+
+
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="asyncio.timeout is 3.11+")
 @pytest.mark.parametrize("lend", [True, False], ids=["lent_task", "task_per_call"])
 def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn, lend) -> None:
