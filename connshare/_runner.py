@@ -145,7 +145,7 @@ class CoroRunner:
         #: tasks driving a call that waits: what the call waits on may hold them weakly
         self._tasks: set[asyncio.Task] = set()
         #: per caller loop (call_async), the calls awaited on it, and their deadlines:
-        #: one timer per loop, not per call, which cost about 10 µs of a 60 µs call
+        #: one timer per loop, not per call (a timer per call cost 6 to 9 µs of 60 to 95)
         self._awaited: dict[asyncio.AbstractEventLoop, set[_Waiter]] = {}
         self._deadlines = LoopDeadlines(self._expire_due)
 
