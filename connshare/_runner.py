@@ -98,15 +98,14 @@ class _Waiter:
     follower's pending request (a lock for a blocking caller, a future on the
     caller's loop for a coroutine), and what cancels the call."""
 
-    __slots__ = ("cancelled", "deadline", "finished", "fn", "pending", "task")
+    __slots__ = ("cancelled", "finished", "fn", "pending", "task")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.pending = Pending(loop)
         self.cancelled = False
         self.finished = False  # set on the runner's loop, with the outcome
         self.task: asyncio.Task | None = None  # the task that runs the call
-        self.fn: Any = None  # an awaited call's method, and when it times out
-        self.deadline = 0.0
+        self.fn: Any = None  # an awaited call's method, for its timeout's message
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict) -> Any:
         if self.cancelled:  # the caller gave up before the call started
@@ -171,14 +170,15 @@ class CoroRunner:
         CallTimeoutError after ``timeout`` s; a timeout or the caller's own
         cancellation cancels the call."""
         w = self._post(_Waiter(loop), fn, args, kwargs)
-        w.fn, w.deadline = fn, time.monotonic() + timeout
+        w.fn = fn
+        deadline = w.pending.deadline = time.monotonic() + timeout
         # The timeout is kept on the caller's loop: it ends the await even if the
         # runner's loop is stuck. Only this loop's thread touches its entry.
         waits = self._awaited.get(loop)
         if waits is None:
             waits = self._awaited[loop] = set()
         waits.add(w)
-        self._deadlines.arm(loop, w.deadline)
+        self._deadlines.arm(loop, deadline)
         try:
             return await w.pending.fut  # type: ignore[misc]
         except BaseException:
@@ -194,11 +194,12 @@ class CoroRunner:
         """On ``loop``: fail the calls awaited on it past their deadline; the next one."""
         upcoming: float | None = None
         for w in list(self._awaited.get(loop, ())):
-            if w.deadline > now:
-                if upcoming is None or w.deadline < upcoming:
-                    upcoming = w.deadline
-            elif not w.pending.fut.done():  # type: ignore[union-attr]
-                w.pending.fut.set_exception(_too_late(w.fn))  # type: ignore[union-attr]
+            p = w.pending
+            if p.deadline > now:  # type: ignore[operator]
+                if upcoming is None or p.deadline < upcoming:  # type: ignore[operator]
+                    upcoming = p.deadline
+            elif not p.fut.done():  # type: ignore[union-attr]
+                p.fut.set_exception(_too_late(w.fn))  # type: ignore[union-attr]
         return upcoming
 
     def _post(self, w: _Waiter, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict) -> _Waiter:
