@@ -16,7 +16,11 @@ wake-up per call:
   settles its own futures in place, again with no other thread between the
   answer and the caller. It keeps the role while reads bring it answers, and gives
   it back after a read that brought it none. A loop that stalls (or closes) while
-  answers wait unread loses the role to the home loop within about a second.
+  answers wait unread loses the role to the home loop within about a second;
+* the role loop's own awaited request, when nothing else is in flight and its loop
+  has nothing else to run, waits for its answer in place (``wait_in_place``, a
+  fraction of a millisecond): an answer read there completes the await without a
+  pass of the loop, which would cost two (the read, then the task's wake-up).
 
 The home loop completes blocking callers through a private lock, awaitable ones
 on other loops with ``call_soon_threadsafe`` (one wake-up per loop per read), and
@@ -51,6 +55,7 @@ from ._errors import (
     NotSentError,
     ProtocolError,
 )
+from ._inplace import InPlace
 from ._protocol import T_RESULT, Codec, Error, MessageDecoder, MsgType
 from ._remote import exception_from
 
@@ -76,6 +81,8 @@ _STALL_S = 0.5
 #: frames a loop turn queues are sent once they reach this much; each send() then
 #: waits (at most 1 s) for room for one piece, not for the whole burst
 _QUEUE_BYTES = 256 * 1024
+#: select() takes no fd above this; a connection on one never waits in place
+_SELECT_MAX = 1024
 
 
 class Pending:
@@ -158,6 +165,7 @@ class FollowerConnection:
         on_lost: Callable[[FollowerConnection, BaseException], None],
         on_frame: Callable[[FollowerConnection, list], None],
         home: asyncio.AbstractEventLoop,
+        wait_in_place: float = 0.0,
     ) -> None:
         sock.setblocking(True)
         self.sock = sock
@@ -203,6 +211,8 @@ class FollowerConnection:
         self._buf = bytearray(256 * 1024)
         self._view = memoryview(self._buf)
         self._fd = sock.fileno()
+        #: whether an awaited request may wait for its answer in place (None: never)
+        self._in_place = InPlace(wait_in_place) if wait_in_place and self._fd < _SELECT_MAX else None
         self._ep: Any = None
         if _EPOLL is not None:
             self._ep = _EPOLL(1)
@@ -455,6 +465,24 @@ class FollowerConnection:
         self.pending[rid] = p
         if self._role is not loop and loop is not self._home and self._ep is not None:
             self._take_role(loop)
+        in_place = self._in_place
+        if in_place is not None:
+            until = in_place.until(loop, deadline) if not busy and self._role is loop else 0.0
+            if until and self._rtoken.acquire(False):
+                try:
+                    if self._role is loop:
+                        try:
+                            self.send(frame, 1.0)
+                            self._wait_in_place(in_place, p.fut, rid, loop, until)  # type: ignore[arg-type]
+                        except BaseException:
+                            self.pending.pop(rid, None)
+                            raise
+                        if deadline is not None and not p.fut.done():  # type: ignore[union-attr]
+                            self._deadlines.arm(loop, deadline)
+                        return rid, p.fut  # type: ignore[return-value]
+                finally:
+                    self._rtoken.release()
+            in_place.run = 0  # this request yields to the loop
         try:
             if busy:
                 self._send_in_turn(frame, loop, rid)
@@ -466,6 +494,28 @@ class FollowerConnection:
         if deadline is not None:
             self._deadlines.arm(loop, deadline)
         return rid, p.fut  # type: ignore[return-value]
+
+    def _wait_in_place(self, in_place: InPlace, fut: asyncio.Future, rid: int, loop: asyncio.AbstractEventLoop, until: float) -> None:
+        """On ``loop``'s thread, the reader, request ``rid`` sent: read until its
+        answer settles ``fut`` or ``until`` passes (the loop's selector then reads
+        it, as for any awaited request)."""
+        while not fut.done() and not self._finished:
+            left = until - time.monotonic()
+            # select(), not the socket's timeout: SO_RCVTIMEO counts in jiffies (8 ms here)
+            if left <= 0 or not select.select((self._fd,), (), (), left)[0]:
+                in_place.missed()
+                return
+            self._here = loop
+            try:
+                mine = self._read_once(_DONTWAIT, rid)
+            finally:
+                self._here = None
+            if mine is not None and self.pending.pop(rid, None) is not None:
+                fut.set_result(mine[2])
+                if self.draining and not self.pending:
+                    self.close()
+                break
+        in_place.answered()
 
     # -- deadlines of awaited requests ------------------------------------------------------
 

@@ -123,7 +123,7 @@ class Node:
         self._count_lock = threading.Lock()
         #: every peer reads into this on the loop thread, one at a time
         self.read_buffer = bytearray(256 * 1024)
-        self.runner = CoroRunner(self.loop)  # the leader's coroutine calls
+        self.runner = CoroRunner(self.loop, options.wait_in_place or 0.0)  # the leader's coroutine calls
         self._tasks: set[asyncio.Task] = set()
         self._listen_sock: socket.socket | None = None
         # Followers' calls in flight here: run on the loop (counted there, no
@@ -287,7 +287,10 @@ class Node:
 
     async def _connect(self) -> tuple[FollowerConnection, bytes]:
         sock, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
-        return FollowerConnection(sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame, self.loop), early
+        conn = FollowerConnection(
+            sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame, self.loop, self.options.wait_in_place or 0.0
+        )
+        return conn, early
 
     # -- leading ---------------------------------------------------------------------------
 

@@ -67,6 +67,11 @@ def _nice(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and -20 <= v <= 19), a.name, "None or an int -20..19", v)
 
 
+def _wait(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 0.005)
+    _check(ok, a.name, "None or a number of seconds from 0 to 0.005", v)
+
+
 def _secret(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(v is None or (isinstance(v, (str, bytes)) and len(v) >= 16), a.name, "None or a str/bytes of 16+ characters", v)
 
@@ -126,6 +131,13 @@ class Options:
     #: and under CPU load the kernel's fair share starves it. Linux; a negative
     #: value needs CAP_SYS_NICE or RLIMIT_NICE, else a warning. ``None``: untouched.
     leader_nice: int | None = attrs.field(default=None, validator=_nice)
+    #: An awaited call whose event loop has nothing else to run (no callback ready,
+    #: no timer due, no other call in flight) waits up to this long for its answer
+    #: on the loop's thread before yielding to the loop: an answer that comes in
+    #: time then costs no pass of the loop. The loop still runs at least every 16
+    #: such calls, and a wait that ends with no answer turns waiting off for a
+    #: while. asyncio's own loops only. ``None`` or ``0``: every call yields.
+    wait_in_place: float | None = attrs.field(default=0.0002, validator=_wait)
 
     def secret_bytes(self) -> bytes | None:
         s = self.secret

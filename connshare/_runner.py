@@ -21,7 +21,9 @@ waits on a lock (``call_from_thread``), a coroutine on another event loop (the
 app's, under uvicorn) on a future of its own loop (``call_async``). One callback
 on the runner's loop and one back cost a fraction of what
 ``asyncio.run_coroutine_threadsafe`` costs (a Task, two chained futures, and a
-condition variable or a third future).
+condition variable or a third future). A coroutine whose loop has nothing else to
+run waits on a lock too, for a fraction of a millisecond (``wait_in_place``, see
+``_inplace``): a quick answer then costs its loop no pass at all.
 
 Lending a task takes asyncio's ``_enter_task`` / ``_leave_task``, which every
 asyncio since 3.7 has (its eager tasks use them) but does not document. Without
@@ -30,6 +32,7 @@ them, each call gets a Task of its own.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import contextvars
 import time
@@ -40,6 +43,7 @@ from typing import Any
 from ._deadlines import LoopDeadlines
 from ._errors import CallTimeoutError
 from ._follower import Pending
+from ._inplace import InPlace
 
 try:
     from asyncio.tasks import _enter_task, _leave_task
@@ -48,6 +52,10 @@ except ImportError:  # pragma: no cover - a future asyncio without them
 
 #: ``done(rid, value, exc)``: answers one call
 Done = Callable[[int, Any, "BaseException | None"], None]
+
+#: hands an outcome over to a caller waiting in place, or to its future once it
+#: stopped waiting: never to both, never to neither
+_GATE = _thread.allocate_lock()
 
 
 class _Resume:
@@ -98,14 +106,16 @@ class _Waiter:
     follower's pending request (a lock for a blocking caller, a future on the
     caller's loop for a coroutine), and what cancels the call."""
 
-    __slots__ = ("cancelled", "finished", "fn", "pending", "task")
+    __slots__ = ("cancelled", "finished", "fn", "pending", "sync", "task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None, sync: Any = None) -> None:
         self.pending = Pending(loop)
         self.cancelled = False
         self.finished = False  # set on the runner's loop, with the outcome
         self.task: asyncio.Task | None = None  # the task that runs the call
         self.fn: Any = None  # an awaited call's method, for its timeout's message
+        #: a held lock an awaiting caller waits on in place, until it stops waiting
+        self.sync = sync
 
     async def run(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict) -> Any:
         if self.cancelled:  # the caller gave up before the call started
@@ -116,6 +126,14 @@ class _Waiter:
 
     def done(self, _rid: int, value: Any, exc: BaseException | None) -> None:
         self.finished = True
+        if self.sync is not None:  # once None, it stays None
+            with _GATE:
+                sync = self.sync
+                if sync is not None:
+                    p = self.pending
+                    p.ok, p.value = (True, value) if exc is None else (False, exc)
+                    sync.release()
+                    return
         self.pending.settle(exc is None, value if exc is None else exc)
 
     def cancel(self) -> None:
@@ -132,8 +150,10 @@ def _too_late(fn: Any) -> CallTimeoutError:
 class CoroRunner:
     """The leader's coroutine calls, run on its loop (one runner per loop)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, wait_in_place: float = 0.0) -> None:
         self.loop = loop
+        #: whether an awaiting caller may wait for the outcome in place (None: never)
+        self.in_place = InPlace(wait_in_place) if wait_in_place else None
         #: calls whose first step has not run yet
         self.queue: deque[tuple[Coroutine[Any, Any, Any], Done, int]] = deque()
         #: a batch of calls is running (their answers wait for its end)
@@ -169,9 +189,32 @@ class CoroRunner:
         ``loop`` (another thread's, running this) and return its outcome. Raises
         CallTimeoutError after ``timeout`` s; a timeout or the caller's own
         cancellation cancels the call."""
-        w = self._post(_Waiter(loop), fn, args, kwargs)
+        deadline = time.monotonic() + timeout
+        in_place = self.in_place
+        until = in_place.until(loop, deadline) if in_place is not None else 0.0
+        if until:
+            sync = _thread.allocate_lock()
+            sync.acquire()
+            w = self._post(_Waiter(loop, sync), fn, args, kwargs)
+            try:
+                answered = sync.acquire(True, until - time.monotonic())
+            except BaseException:  # interrupted: so is the call
+                self._cancel_soon(w)
+                raise
+            if not answered:
+                with _GATE:  # the outcome goes to the future from now on
+                    w.sync = None
+                    answered = sync.acquire(False)  # unless it came just now
+            if answered:
+                in_place.answered()  # type: ignore[union-attr]
+                return w.pending.outcome()
+            in_place.missed()  # type: ignore[union-attr]
+        else:
+            if in_place is not None:
+                in_place.run = 0  # this call yields to the loop
+            w = self._post(_Waiter(loop), fn, args, kwargs)
         w.fn = fn
-        deadline = w.pending.deadline = time.monotonic() + timeout
+        w.pending.deadline = deadline
         # The timeout is kept on the caller's loop: it ends the await even if the
         # runner's loop is stuck. Only this loop's thread touches its entry.
         waits = self._awaited.get(loop)

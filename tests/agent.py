@@ -319,6 +319,69 @@ class Agent:
         finally:
             loop.close()
 
+    def op_acalls_counting_loop_passes(self, cid: str, method: str, args: list, n: int) -> dict:
+        """``n`` sequential awaited calls on a fresh asyncio loop that counts its
+        passes; whether every call returned its echo, and the passes."""
+
+        class CountingLoop(asyncio.SelectorEventLoop):
+            passes = 0
+
+            def _run_once(self) -> None:
+                self.passes += 1
+                super()._run_once()
+
+        fn = getattr(self.clients[cid], method)
+
+        async def go() -> bool:
+            return all([await fn(*args) == args[0] for _ in range(n)])
+
+        loop = CountingLoop()
+        try:
+            ok = loop.run_until_complete(go())
+            return {"ok": ok, "passes": loop.passes}
+        finally:
+            loop.close()
+
+    def op_acalls_straddling(self, cid: str, n: int, seconds: float) -> dict:
+        """``n`` awaited calls on a fresh loop, quick ones between ones that take
+        about ``seconds`` (near the in-place wait): answers that come as a wait ends.
+        How many returned their own result, and any that did not."""
+        c = self.clients[cid]
+
+        async def go() -> dict:
+            bad = []
+            for i in range(n):
+                want = seconds if i % 2 else i
+                got = await (c.asleep(seconds) if i % 2 else c.aecho(i))
+                if got != want:
+                    bad.append([i, got])
+            return {"ok": n - len(bad), "bad": bad[:5]}
+
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(go(), 120))
+        finally:
+            loop.close()
+
+    def op_acall_with_timer(self, cid: str, method: str, args: list, after: float) -> dict:
+        """An awaited call on a fresh loop with a timer due ``after`` s into it:
+        whether the timer fired before the call returned."""
+        fired: list[bool] = []
+        fn = getattr(self.clients[cid], method)
+
+        async def go() -> Any:
+            done: list[bool] = []
+            asyncio.get_running_loop().call_later(after, lambda: fired.append(not done))
+            result = await fn(*args)
+            done.append(True)
+            return result
+
+        loop = asyncio.new_event_loop()
+        try:
+            return {"result": loop.run_until_complete(go()), "timer_fired_during_call": fired == [True]}
+        finally:
+            loop.close()
+
     def op_acall_then_block_loop(self, cid: str, method: str, args: list, seconds: float) -> tuple[Any, bool]:
         """An awaitable call on the agent's loop, whose continuation then blocks the
         loop with app code for ``seconds``; the result, and whether the loop held

@@ -189,6 +189,29 @@ def test_the_leaders_own_call_of_a_coroutine_method_from_another_thread(port, up
     assert w.request(op, "0", "aecho", ["after"]) == "after"
 
 
+def test_the_leaders_own_awaited_calls_wait_in_place_on_an_idle_loop(port, upstream, spawn) -> None:
+    # The app's loop, with nothing else to run, waits for the outcome on a lock,
+    # and the await completes without a loop pass; at least every 16 such calls it
+    # yields. Outcomes that come as a wait gives up reach their callers once.
+    w = spawn([kv_spec(port, upstream.port, delegates=["aecho", "asleep"], wait_in_place=0.005)])[0]
+    w.ready()
+    assert w.role()["is_leader"]
+    out = w.request("acalls_counting_loop_passes", "0", "aecho", ["x"], 170)
+    assert out["ok"]
+    assert 170 // 17 <= out["passes"] < 170 // 2, out
+    out = w.request("acall_with_timer", "0", "asleep", [0.6], 0.2)
+    assert out == {"result": 0.6, "timer_fired_during_call": True}, "the wait in place is bounded"
+    assert w.request("acalls_straddling", "0", 600, 0.005, timeout=150) == {"ok": 600, "bad": []}
+
+
+def test_the_leaders_own_awaited_calls_yield_with_wait_in_place_off(port, upstream, spawn) -> None:
+    w = spawn([kv_spec(port, upstream.port, delegates=["aecho"], wait_in_place=0)])[0]
+    w.ready()
+    assert w.role()["is_leader"]
+    out = w.request("acalls_counting_loop_passes", "0", "aecho", ["x"], 170)
+    assert out["ok"] and out["passes"] >= 170, out
+
+
 def test_the_leaders_own_awaited_call_times_out_while_connshares_loop_is_stuck(port, upstream, spawn) -> None:
     # The deadline of a call awaited on the app's loop is kept on that loop: a real
     # client that blocks connshare's loop must not hold the caller past it. Calls

@@ -35,6 +35,9 @@ class Thing(Base):
         ({"transcode": object()}, "transcode"),
         ({"leader_nice": -21}, "leader_nice"),
         ({"leader_nice": 1.5}, "leader_nice"),
+        ({"wait_in_place": -0.001}, "wait_in_place"),
+        ({"wait_in_place": 0.5}, "wait_in_place"),
+        ({"wait_in_place": True}, "wait_in_place"),
     ],
 )
 def test_a_bad_option_fails_at_once_naming_it(kwargs: dict, name: str) -> None:

@@ -235,3 +235,38 @@ def test_a_burst_of_calls_in_one_loop_turn_all_return(port, upstream, spawn) -> 
     # 64 MiB each way: the answers outgrow the leader's max_buffered_bytes (32 MiB)
     # unless the loop reads them while it is still sending
     assert follower.request("acall_burst", "0", "aecho", 2000, 32768, timeout=150) == {"ok": 2000, "errors": []}
+
+
+def test_an_awaited_call_on_an_idle_loop_is_answered_in_place(port, upstream, spawn) -> None:
+    # wait_in_place: a loop with nothing else to run waits for the answer on its
+    # own thread, and the await completes without a loop pass; the loop still runs
+    # at least every 16 such calls. (5 ms, not the default 0.2 ms: answers on a
+    # busy test host come late, and the wait would turn itself off.)
+    _leader, follower = _pair(spawn, port, upstream.port, wait_in_place=0.005)
+    out = follower.request("acalls_counting_loop_passes", "0", "aecho", ["x"], 170)
+    assert out["ok"]
+    assert 170 // 17 <= out["passes"] < 170 // 2, out
+
+
+def test_with_wait_in_place_off_every_awaited_call_yields_to_the_loop(port, upstream, spawn) -> None:
+    _leader, follower = _pair(spawn, port, upstream.port, wait_in_place=None)
+    out = follower.request("acalls_counting_loop_passes", "0", "aecho", ["x"], 170)
+    assert out["ok"]
+    assert out["passes"] >= 170, out
+
+
+def test_a_slow_answer_is_not_waited_for_in_place(port, upstream, spawn) -> None:
+    # The wait is bounded: a timer of the loop due during a slow call fires on
+    # time, not once the answer is in.
+    _leader, follower = _pair(spawn, port, upstream.port, wait_in_place=0.005)
+    for _ in range(3):  # the first call waits in place, and those after it skip
+        out = follower.request("acall_with_timer", "0", "asleep", [0.6], 0.2)
+        assert out == {"result": 0.6, "timer_fired_during_call": True}
+    assert follower.request("acall", "0", "aecho", ["fast"]) == "fast"
+
+
+def test_answers_that_come_as_an_in_place_wait_ends_reach_their_callers(port, upstream, spawn) -> None:
+    # Calls that take about as long as the wait: some answers are read in place,
+    # some by the loop after the wait gave up, some as it gives up.
+    _leader, follower = _pair(spawn, port, upstream.port, wait_in_place=0.0003)
+    assert follower.request("acalls_straddling", "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
