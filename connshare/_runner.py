@@ -197,7 +197,7 @@ class CoroRunner:
             sync.acquire()
             w = self._post(_Waiter(loop, sync), fn, args, kwargs)
             try:
-                answered = sync.acquire(True, until - time.monotonic())
+                answered = sync.acquire(True, max(until - time.monotonic(), 0.0))
             except BaseException:  # interrupted: so is the call
                 self._cancel_soon(w)
                 raise

@@ -204,6 +204,18 @@ def test_the_leaders_own_awaited_calls_wait_in_place_on_an_idle_loop(port, upstr
     assert w.request("acalls_straddling", "0", 600, 0.005, timeout=150) == {"ok": 600, "bad": []}
 
 
+@pytest.mark.parametrize("leads", [True, False])
+def test_a_wait_in_place_over_before_it_starts_yields(port, upstream, spawn, leads) -> None:
+    # 1 ns: the wait has ended by the time the call would start it.
+    specs = [kv_spec(port, upstream.port, delegates=["aecho"], wait_in_place=1e-9)]
+    workers = spawn(specs) if leads else spawn(specs, specs)
+    for w in workers:
+        w.ready()
+    (w,) = [w for w in workers if w.role()["is_leader"] is leads]
+    out = w.request("acalls_counting_loop_passes", "0", "aecho", ["x"], 50)
+    assert out["ok"], out
+
+
 def test_the_leaders_own_awaited_calls_yield_with_wait_in_place_off(port, upstream, spawn) -> None:
     w = spawn([kv_spec(port, upstream.port, delegates=["aecho"], wait_in_place=0)])[0]
     w.ready()
