@@ -192,7 +192,7 @@ class CoroRunner:
         deadline = time.monotonic() + timeout
         in_place = self.in_place
         until = in_place.until(loop, deadline) if in_place is not None else 0.0
-        if until:
+        if in_place is not None and until:
             sync = _thread.allocate_lock()
             sync.acquire()
             w = self._post(_Waiter(loop, sync), fn, args, kwargs)
@@ -206,9 +206,9 @@ class CoroRunner:
                     w.sync = None
                     answered = sync.acquire(False)  # unless it came just now
             if answered:
-                in_place.answered()  # type: ignore[union-attr]
+                in_place.answered()
                 return w.pending.outcome()
-            in_place.missed()  # type: ignore[union-attr]
+            in_place.missed()
         else:
             if in_place is not None:
                 in_place.run = 0  # this call yields to the loop
