@@ -41,6 +41,14 @@ def build(spec: dict) -> Any:
     return b.create(*spec.get("args", ()))
 
 
+def _run_closing(loop: asyncio.AbstractEventLoop, coro: Any) -> Any:
+    """Run ``coro`` on a loop of its own and close the loop, as ``asyncio.run`` does."""
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        loop.close()
+
+
 class Agent:
     def __init__(self, conn: Any, specs: list[dict]) -> None:
         self.conn = conn
@@ -314,10 +322,7 @@ class Agent:
             loop = uvloop.new_event_loop()
         else:
             loop = asyncio.new_event_loop()
-        try:
-            return loop.run_until_complete(go())
-        finally:
-            loop.close()
+        return _run_closing(loop, go())
 
     def op_acalls_counting_loop_passes(self, cid: str, method: str, args: list, n: int) -> dict:
         """``n`` sequential awaited calls on a fresh asyncio loop that counts its
@@ -336,11 +341,8 @@ class Agent:
             return all([await fn(*args) == args[0] for _ in range(n)])
 
         loop = CountingLoop()
-        try:
-            ok = loop.run_until_complete(go())
-            return {"ok": ok, "passes": loop.passes}
-        finally:
-            loop.close()
+        ok = _run_closing(loop, go())
+        return {"ok": ok, "passes": loop.passes}
 
     def op_acalls_straddling(self, cid: str, n: int, seconds: float) -> dict:
         """``n`` awaited calls on a fresh loop, quick ones between ones that take
@@ -357,11 +359,7 @@ class Agent:
                     bad.append([i, got])
             return {"ok": n - len(bad), "bad": bad[:5]}
 
-        loop = asyncio.new_event_loop()
-        try:
-            return loop.run_until_complete(asyncio.wait_for(go(), 120))
-        finally:
-            loop.close()
+        return _run_closing(asyncio.new_event_loop(), asyncio.wait_for(go(), 120))
 
     def op_acall_with_timer(self, cid: str, method: str, args: list, after: float) -> dict:
         """An awaited call on a fresh loop with a timer due ``after`` s into it:
@@ -376,11 +374,8 @@ class Agent:
             done.append(True)
             return result
 
-        loop = asyncio.new_event_loop()
-        try:
-            return {"result": loop.run_until_complete(go()), "timer_fired_during_call": fired == [True]}
-        finally:
-            loop.close()
+        result = _run_closing(asyncio.new_event_loop(), go())
+        return {"result": result, "timer_fired_during_call": fired == [True]}
 
     def op_acall_then_block_loop(self, cid: str, method: str, args: list, seconds: float) -> tuple[Any, bool]:
         """An awaitable call on the agent's loop, whose continuation then blocks the
