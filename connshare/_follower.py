@@ -386,39 +386,55 @@ class FollowerConnection:
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
-        p = Pending()
-        lock: Any = p.lock
-        self.pending[rid] = p
-        deadline = time.monotonic() + timeout
-        # Read our own answer when nobody else is reading: the home loop
-        # stands aside (disarmed) until we are done.
+        # Read our own answer when nobody else is reading.
         reading = self._ep is not None and self._rtoken.acquire(False)
         if reading and self._role is not None:
             self._reclaim_closed_role()
             if self._role is not None:  # an event loop reads: it answers us
                 self._rtoken.release()
                 reading = False
+        if not reading:
+            return self._request_read_elsewhere(rid, frame, timeout)
         try:
-            if reading:
-                self._arm(0)
-            try:
-                self.send(frame, timeout)
-            except BaseException:
-                self.pending.pop(rid, None)
-                raise
-            if reading:
-                while lock.locked() and not self._finished and time.monotonic() < deadline:
-                    mine = self._read_once(0, rid)
-                    # Our answer, alone in its read, goes straight back to us; unless
-                    # the request was failed meanwhile (its lock tells the outcome).
-                    if mine is not None and self.pending.pop(rid, None) is not None:
-                        if self.draining and not self.pending:
-                            self.close()
-                        return mine[2]
+            self.send(frame, timeout)
+            # Nobody reads before we do, so the rest waits until the request is
+            # on its way: it overlaps the leader's work instead of preceding it.
+            self._arm(0)  # the home loop stands aside until we are done
+            p = Pending()
+            self.pending[rid] = p
+            if self.unresponsive:  # marked while we sent, before it could fail us
+                del self.pending[rid]
+                raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
+            lock: Any = p.lock
+            deadline = time.monotonic() + timeout
+            while lock.locked() and not self._finished and time.monotonic() < deadline:
+                mine = self._read_once(0, rid)
+                # Our answer, alone in its read, goes straight back to us; unless
+                # the request was failed meanwhile (its lock tells the outcome).
+                if mine is not None and self.pending.pop(rid, None) is not None:
+                    if self.draining and not self.pending:
+                        self.close()
+                    return mine[2]
         finally:
-            if reading:
-                self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
-                self._rtoken.release()
+            self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
+            self._rtoken.release()
+        return self._outcome(rid, p, deadline, timeout)
+
+    def _request_read_elsewhere(self, rid: int, frame: bytes, timeout: float) -> Any:
+        """A blocking caller's request while another thread reads the socket."""
+        p = Pending()
+        self.pending[rid] = p
+        deadline = time.monotonic() + timeout
+        try:
+            self.send(frame, timeout)
+        except BaseException:
+            self.pending.pop(rid, None)
+            raise
+        return self._outcome(rid, p, deadline, timeout)
+
+    def _outcome(self, rid: int, p: Pending, deadline: float, timeout: float) -> Any:
+        """Wait (until ``deadline``) for whoever reads to settle ``p``."""
+        lock: Any = p.lock
         if lock.locked() and not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
             if self.pending.pop(rid, None) is not None:
                 raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout} s")
@@ -461,27 +477,18 @@ class FollowerConnection:
         rid = next(self._rids)
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
-        p = Pending(loop, hook, internal, deadline, timeout)
-        self.pending[rid] = p
         if self._role is not loop and loop is not self._home and self._ep is not None:
             self._take_role(loop)
         in_place = self._in_place
+        if in_place is not None and not busy and self._role is loop and self._rtoken.acquire(False):
+            try:
+                if self._role is loop:  # still: nobody reads before we do
+                    return self._request_in_place(in_place, rid, frame, loop, hook, internal, deadline, timeout)
+            finally:
+                self._rtoken.release()
+        p = Pending(loop, hook, internal, deadline, timeout)
+        self.pending[rid] = p
         if in_place is not None:
-            until = in_place.until(loop, deadline) if not busy and self._role is loop else 0.0
-            if until and self._rtoken.acquire(False):
-                try:
-                    if self._role is loop:
-                        try:
-                            self.send(frame, 1.0)
-                            self._wait_in_place(in_place, p.fut, rid, loop, until)  # type: ignore[arg-type]
-                        except BaseException:
-                            self.pending.pop(rid, None)
-                            raise
-                        if deadline is not None and not p.fut.done():  # type: ignore[union-attr]
-                            self._deadlines.arm(loop, deadline)
-                        return rid, p.fut  # type: ignore[return-value]
-                finally:
-                    self._rtoken.release()
             in_place.run = 0  # this request yields to the loop
         try:
             if busy:
@@ -494,6 +501,40 @@ class FollowerConnection:
         if deadline is not None:
             self._deadlines.arm(loop, deadline)
         return rid, p.fut  # type: ignore[return-value]
+
+    def _request_in_place(
+        self,
+        in_place: InPlace,
+        rid: int,
+        frame: bytes,
+        loop: asyncio.AbstractEventLoop,
+        hook: Callable[[Any], None] | None,
+        internal: bool,
+        deadline: float | None,
+        timeout: float,
+    ) -> tuple[int, asyncio.Future]:
+        """request_async on ``loop``, the reader, with the read token held: send
+        first, as nobody reads the answer before us, then wait for it in place if
+        the loop has nothing else to run (see _inplace)."""
+        self.send(frame, 1.0)
+        p = Pending(loop, hook, internal, deadline, timeout)
+        fut: asyncio.Future = p.fut  # type: ignore[assignment]
+        self.pending[rid] = p
+        if self.unresponsive and not internal:  # marked while we sent, before it could fail us
+            del self.pending[rid]
+            raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
+        try:
+            until = in_place.until(loop, deadline)
+            if until:
+                self._wait_in_place(in_place, fut, rid, loop, until)
+            else:
+                in_place.run = 0  # this request yields to the loop
+        except BaseException:
+            self.pending.pop(rid, None)
+            raise
+        if deadline is not None and not fut.done():
+            self._deadlines.arm(loop, deadline)
+        return rid, fut
 
     def _wait_in_place(self, in_place: InPlace, fut: asyncio.Future, rid: int, loop: asyncio.AbstractEventLoop, until: float) -> None:
         """On ``loop``'s thread, the reader, request ``rid`` sent: read until its
