@@ -189,7 +189,6 @@ class PeerProtocol:
         self.node.on_peer_gone(self)
 
     def data_received(self, data: bytes | memoryview) -> None:
-        self.last_rx = time.monotonic()
         try:
             stream = self.stream
             if stream is None:
@@ -208,6 +207,7 @@ class PeerProtocol:
             self.drop(f"internal error: {exc!r}")
         finally:
             self.node.runner.kick()  # the coroutine calls this read brought
+            self.last_rx = time.monotonic()  # after the answers: nobody waits on it
 
     # -- sending (any thread) --------------------------------------------------------------
 
@@ -488,12 +488,16 @@ class PeerProtocol:
 
     def _finish(self, rid: int, value: Any, exc: BaseException | None) -> None:
         """Answer request ``rid``, which ran on the loop (on the loop)."""
-        self.inflight_loop -= 1
-        node = self.node
-        node.inflight_loop -= 1
-        if node.leaving:
-            node.maybe_drained()
-        self._answer(rid, value, exc, True)
+        try:
+            # Answer first: the loop reads no request before the counts drop, so a
+            # follower that waits for this answer is never refused for it.
+            self._answer(rid, value, exc, True)
+        finally:
+            self.inflight_loop -= 1
+            node = self.node
+            node.inflight_loop -= 1
+            if node.leaving:
+                node.maybe_drained()
 
     def _finish_threaded(self, rid: int, value: Any, exc: BaseException | None) -> None:
         """Answer request ``rid``, which ran on this worker thread."""
