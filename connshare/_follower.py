@@ -396,10 +396,13 @@ class FollowerConnection:
         if not reading:
             return self._request_read_elsewhere(rid, frame, timeout)
         try:
+            # The home loop stands aside until we are done. Before the send: with
+            # other threads about, this one may get the GIL back only after the
+            # answer came, and the home loop would spin on it meanwhile.
+            self._arm(0)
             self.send(frame, timeout)
             # Nobody reads before we do, so the rest waits until the request is
             # on its way: it overlaps the leader's work instead of preceding it.
-            self._arm(0)  # the home loop stands aside until we are done
             p = Pending()
             self.pending[rid] = p
             if self.unresponsive:  # marked while we sent, before it could fail us
