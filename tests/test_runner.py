@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import attrs
 import pytest
 
-from connshare import CallTimeoutError
+from connshare import CallTimeoutError, _runner
 from connshare._runner import CoroRunner
 
 
@@ -86,3 +86,46 @@ def test_an_awaiting_caller_whose_runner_loop_closed_gets_its_timeout(lt: LoopTh
 
     exc = asyncio.run(asyncio.wait_for(caller(), 20))
     assert isinstance(exc, CallTimeoutError), exc
+
+
+class _SignallingGate:
+    """Stands in for the runner's gate: tells when someone is about to take it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.entering = threading.Event()
+
+    def __enter__(self) -> None:
+        self.entering.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_an_outcome_that_meets_the_end_of_a_wait_in_place_reaches_the_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runner hands a call's outcome to a caller waiting in place (a lock), or
+    # to its future once the caller stopped waiting. It looks outside the gate,
+    # then again inside: here the caller stops waiting between the two looks, as
+    # call_async does when its wait runs out. The outcome must reach the future,
+    # or the caller would await it forever. The interleaving is forced, not hoped for.
+    gate = _SignallingGate()
+    monkeypatch.setattr(_runner, "_GATE", gate)
+    loop = asyncio.new_event_loop()
+    try:
+        sync = threading.Lock()
+        sync.acquire()
+        w = _runner._Waiter(loop, sync)
+        finishing = threading.Thread(target=w.done, args=(1, "the answer", None))
+        with gate.lock:  # what the caller holds while it stops waiting
+            finishing.start()
+            assert gate.entering.wait(10), "the outcome never came to the gate"
+            w.sync = None
+            assert not sync.acquire(False)  # no outcome for the waiting caller yet
+        finishing.join(10)
+        assert not finishing.is_alive()
+        fut = w.pending.fut
+        assert fut is not None
+        assert loop.run_until_complete(asyncio.wait_for(fut, 10)) == "the answer"
+    finally:
+        loop.close()
