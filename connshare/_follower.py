@@ -137,6 +137,22 @@ class Pending:
         raise self.value
 
 
+class _Sending(Pending):
+    """Holds a request's place in ``pending`` while its frame is sent, before
+    its Pending is made (a caller that reads its own answer makes it after the
+    send). A connection with a request on its way is not idle, and a GOODBYE
+    closes only an idle one. Failing it does nothing: its sender looks at the
+    connection again once its Pending is in place."""
+
+    __slots__ = ()
+
+    def settle(self, ok: bool, value: Any, batch: dict | None = None) -> None:
+        pass
+
+
+_SENDING = _Sending()
+
+
 def _wake(loop: asyncio.AbstractEventLoop, items: list) -> None:
     try:
         loop.call_soon_threadsafe(_settle_futs, items)
@@ -400,13 +416,18 @@ class FollowerConnection:
             # other threads about, this one may get the GIL back only after the
             # answer came, and the home loop would spin on it meanwhile.
             self._arm(0)
-            self.send(frame, timeout)
+            self.pending[rid] = _SENDING
+            try:
+                self.send(frame, timeout)
+            except BaseException:
+                self.pending.pop(rid, None)
+                raise
             # Nobody reads before we do, so the rest waits until the request is
             # on its way: it overlaps the leader's work instead of preceding it.
             p = Pending()
             self.pending[rid] = p
             if self.unresponsive:  # marked while we sent, before it could fail us
-                del self.pending[rid]
+                self.pending.pop(rid, None)  # unless it failed it just now
                 raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
             lock: Any = p.lock
             deadline = time.monotonic() + timeout
@@ -519,12 +540,17 @@ class FollowerConnection:
         """request_async on ``loop``, the reader, with the read token held: send
         first, as nobody reads the answer before us, then wait for it in place if
         the loop has nothing else to run (see _inplace)."""
-        self.send(frame, 1.0)
+        self.pending[rid] = _SENDING
+        try:
+            self.send(frame, 1.0)
+        except BaseException:
+            self.pending.pop(rid, None)
+            raise
         p = Pending(loop, hook, internal, deadline, timeout)
         fut: asyncio.Future = p.fut  # type: ignore[assignment]
         self.pending[rid] = p
         if self.unresponsive and not internal:  # marked while we sent, before it could fail us
-            del self.pending[rid]
+            self.pending.pop(rid, None)  # unless it failed it just now
             raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
         try:
             until = in_place.until(loop, deadline)

@@ -214,11 +214,19 @@ class Agent:
     def op_close(self, cid: str) -> None:
         self.clients[cid].close()
 
-    def op_start_calls(self, cid: str, method: str, args: list, name: str = "calls") -> None:
-        """Call in a loop on a thread until stop_calls; record every outcome."""
+    def op_start_calls(self, cid: str, method: str, args: list, name: str = "calls", awaited: bool = False) -> None:
+        """Call in a loop on a thread until stop_calls; record every outcome.
+        ``awaited``: await ``ainvoke(method)`` on an event loop of that thread."""
         c = self.clients[cid]
         state = {"ok": 0, "errors": {}, "max": 0.0, "stop": False, "samples": []}
         self.loopers[name] = state
+
+        def record(t0: float, exc: Exception | None) -> None:
+            if exc is None:
+                state["ok"] += 1
+            else:
+                state["errors"][type(exc).__name__] = state["errors"].get(type(exc).__name__, 0) + 1
+            state["max"] = max(state["max"], time.monotonic() - t0)
 
         def run() -> None:
             fn = getattr(c, method)
@@ -226,13 +234,22 @@ class Agent:
                 t0 = time.monotonic()
                 try:
                     fn(*args)
-                    state["ok"] += 1
                 except Exception as exc:
-                    state["errors"][type(exc).__name__] = state["errors"].get(type(exc).__name__, 0) + 1
-                dt = time.monotonic() - t0
-                state["max"] = max(state["max"], dt)
+                    record(t0, exc)
+                else:
+                    record(t0, None)
 
-        t = threading.Thread(target=run, daemon=True)
+        async def arun() -> None:
+            while not state["stop"]:
+                t0 = time.monotonic()
+                try:
+                    await c.ainvoke(method, *args)
+                except Exception as exc:
+                    record(t0, exc)
+                else:
+                    record(t0, None)
+
+        t = threading.Thread(target=(lambda: _run_closing(asyncio.new_event_loop(), arun())) if awaited else run, daemon=True)
         state["thread"] = t
         t.start()
 
@@ -245,6 +262,39 @@ class Agent:
         s["stop"] = True
         s["thread"].join(30)
         return {"ok": s["ok"], "errors": s["errors"], "max": s["max"], "alive": s["thread"].is_alive()}
+
+    def op_hold_goodbye_until_a_send(self, cid: str) -> None:
+        """Force one interleaving of a graceful handoff on the client's connection
+        to the leader: the GOODBYE, once read, is handled by connshare's loop only
+        while the next request's frame has just been sent, before that request's
+        sender goes on. op_goodbye_held tells whether it happened."""
+        from connshare._protocol import MsgType
+
+        node = self.clients[cid]._node
+        conn = node.conn
+        held: list = []
+        self.goodbye_held = threading.Event()
+        on_frame, send = conn._on_frame, conn.send
+
+        def hold(c: Any, wire: list) -> None:
+            if wire[0] == MsgType.GOODBYE and not held:
+                held.append(wire)
+            else:
+                on_frame(c, wire)
+
+        def send_then_goodbye(frame: bytes, timeout: float | None = None) -> None:
+            send(frame, timeout)
+            if held and not self.goodbye_held.is_set():
+                on_frame(conn, held[0])
+                handled = threading.Event()
+                node.loop.call_soon_threadsafe(handled.set)  # queued behind the GOODBYE
+                handled.wait(10)
+                self.goodbye_held.set()
+
+        conn._on_frame, conn.send = hold, send_then_goodbye
+
+    def op_goodbye_held(self) -> bool:
+        return self.goodbye_held.is_set()
 
     def op_call_in_thread(self, cid: str, method: str, args: list, name: str) -> None:
         """Start one blocking call on its own thread; op_join_call returns its outcome."""

@@ -118,6 +118,26 @@ def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
     assert upstream.wait_for(lambda s: s.live_connections == 1, 10)
 
 
+@pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
+def test_a_goodbye_handled_as_a_request_leaves_does_not_fail_it(port, upstream, spawn, awaited: bool) -> None:
+    # A caller that reads its own answer makes its request's record after the
+    # send. The GOODBYE's handler closes a connection with nothing pending: here
+    # it runs just as a request has left (forced), which must count as pending,
+    # and be answered by the leader that is handing off.
+    leader, caller = _pair(port, upstream, spawn)
+    caller.request("call", "0", "echo", ["warm"])
+    caller.request("hold_goodbye_until_a_send", "0")
+    caller.request("start_calls", "0", "echo", ["x" * 100], "calls", awaited)
+    wait_until(lambda: caller.request("calls_so_far")["ok"] > 50, what="calls flowing")
+    leader.request("close", "0")
+    wait_until(lambda: caller.role()["is_leader"], what="the caller leading")
+    wait_until(lambda: caller.request("goodbye_held"), what="the GOODBYE handled as a request left")
+    ok = caller.request("calls_so_far")["ok"]
+    wait_until(lambda: caller.request("calls_so_far")["ok"] > ok + 50, what="calls after the handoff")
+    stats = caller.request("stop_calls")
+    assert stats["errors"] == {}, stats
+
+
 def test_a_handoff_ends_once_the_last_blocking_answer_is_read(port, upstream, spawn) -> None:
     # The GOODBYE and the answer come in separate reads; the caller reads its own
     # answer, and the drained connection must close then, not at the leader's grace
