@@ -293,6 +293,19 @@ class Agent:
 
         conn._on_frame, conn.send = hold, send_then_goodbye
 
+    def op_unresponsive_during_next_send(self, cid: str) -> None:
+        """Force one interleaving: the heartbeat check marks the leader unresponsive
+        right after the next request's frame is sent, before its sender goes on."""
+        conn = self.clients[cid]._node.conn
+        send = conn.send
+
+        def send_then_mark(frame: bytes, timeout: float | None = None) -> None:
+            send(frame, timeout)
+            conn.send = send
+            conn.mark_unresponsive()
+
+        conn.send = send_then_mark
+
     def op_goodbye_held(self) -> bool:
         return self.goodbye_held.is_set()
 

@@ -138,6 +138,20 @@ def test_a_goodbye_handled_as_a_request_leaves_does_not_fail_it(port, upstream, 
     assert stats["errors"] == {}, stats
 
 
+@pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
+def test_a_leader_found_unresponsive_as_a_request_leaves_fails_it_at_once(port, upstream, spawn, awaited: bool) -> None:
+    # The heartbeat check fails the app's calls in flight when the leader stops
+    # answering. A request that has just left, before its record exists, must
+    # fail too (forced here), as one sent a moment earlier would.
+    _, caller = _pair(port, upstream, spawn)
+    op = "ainvoke" if awaited else "call"
+    assert caller.request(op, "0", "echo", ["warm"]) == "warm"
+    caller.request("unresponsive_during_next_send", "0")
+    with pytest.raises(AgentError) as info:
+        caller.request(op, "0", "echo", ["x"])
+    assert info.value.type == "LeaderUnresponsiveError", info.value.desc
+
+
 def test_a_handoff_ends_once_the_last_blocking_answer_is_read(port, upstream, spawn) -> None:
     # The GOODBYE and the answer come in separate reads; the caller reads its own
     # answer, and the drained connection must close then, not at the leader's grace
