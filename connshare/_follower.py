@@ -416,19 +416,7 @@ class FollowerConnection:
             # other threads about, this one may get the GIL back only after the
             # answer came, and the home loop would spin on it meanwhile.
             self._arm(0)
-            self.pending[rid] = _SENDING
-            try:
-                self.send(frame, timeout)
-            except BaseException:
-                self.pending.pop(rid, None)
-                raise
-            # Nobody reads before we do, so the rest waits until the request is
-            # on its way: it overlaps the leader's work instead of preceding it.
-            p = Pending()
-            self.pending[rid] = p
-            if self.unresponsive:  # marked while we sent, before it could fail us
-                self.pending.pop(rid, None)  # unless it failed it just now
-                raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
+            p = self._send_then_pend(rid, frame, timeout)
             lock: Any = p.lock
             deadline = time.monotonic() + timeout
             while lock.locked() and not self._finished and time.monotonic() < deadline:
@@ -443,6 +431,24 @@ class FollowerConnection:
             self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
             self._rtoken.release()
         return self._outcome(rid, p, deadline, timeout)
+
+    def _send_then_pend(self, rid: int, frame: bytes, timeout: float, *pending: Any) -> Pending:
+        """With the read token held: send request ``rid``, then make its
+        ``Pending(*pending)``. Nobody reads the answer before us, so what the
+        caller needs only once it comes is made while the leader works instead
+        of before the send; a placeholder holds the request's place meanwhile."""
+        self.pending[rid] = _SENDING
+        try:
+            self.send(frame, timeout)
+        except BaseException:
+            self.pending.pop(rid, None)
+            raise
+        p = Pending(*pending)
+        self.pending[rid] = p
+        if self.unresponsive and not p.internal:  # marked while we sent, before it could fail us
+            self.pending.pop(rid, None)  # unless it failed it just now
+            raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
+        return p
 
     def _request_read_elsewhere(self, rid: int, frame: bytes, timeout: float) -> Any:
         """A blocking caller's request while another thread reads the socket."""
@@ -538,20 +544,10 @@ class FollowerConnection:
         timeout: float,
     ) -> tuple[int, asyncio.Future]:
         """request_async on ``loop``, the reader, with the read token held: send
-        first, as nobody reads the answer before us, then wait for it in place if
-        the loop has nothing else to run (see _inplace)."""
-        self.pending[rid] = _SENDING
-        try:
-            self.send(frame, 1.0)
-        except BaseException:
-            self.pending.pop(rid, None)
-            raise
-        p = Pending(loop, hook, internal, deadline, timeout)
+        first, then wait for the answer in place if the loop has nothing else to
+        run (see _inplace)."""
+        p = self._send_then_pend(rid, frame, 1.0, loop, hook, internal, deadline, timeout)
         fut: asyncio.Future = p.fut  # type: ignore[assignment]
-        self.pending[rid] = p
-        if self.unresponsive and not internal:  # marked while we sent, before it could fail us
-            self.pending.pop(rid, None)  # unless it failed it just now
-            raise LeaderUnresponsiveError(self.peer_pid, "no heartbeat answer")
         try:
             until = in_place.until(loop, deadline)
             if until:
