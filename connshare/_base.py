@@ -12,8 +12,8 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 import attrs
 
@@ -22,6 +22,7 @@ from ._errors import NotReadyError
 log = logging.getLogger("connshare.base")
 
 _UNSET = object()
+_B = TypeVar("_B", bound="Base")
 
 
 def _once(close: Callable[..., Any]) -> Callable[..., Any]:
@@ -148,8 +149,12 @@ class Base:
             loop = asyncio.get_running_loop()
             fut = loop.create_future()
 
+            def settle() -> None:
+                if not fut.done():
+                    fut.set_result(None)
+
             def done(_err: Any) -> None:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+                loop.call_soon_threadsafe(settle)
 
             self.ready(done)
             await fut
@@ -198,24 +203,26 @@ class Base:
     def closed(self) -> bool:
         return bool(getattr(self, "_closed", False))
 
-    def close(self) -> None:
-        """Release resources. Calling it again does nothing."""
+    def close(self) -> Awaitable[None] | None:
+        """Release resources. Calling it again does nothing. A subclass may make
+        it a coroutine (``async def close``): :meth:`aclose` then awaits it."""
         self._closing_started()
+        return None
 
     async def aclose(self) -> None:
         """Awaitable close; runs a blocking ``close()`` in a thread."""
         if inspect.iscoroutinefunction(type(self).close):
-            await self.close()  # type: ignore[misc]
+            await cast("Awaitable[None]", self.close())
         else:
             await asyncio.get_running_loop().run_in_executor(None, self.close)
 
-    def __enter__(self) -> Base:
+    def __enter__(self: _B) -> _B:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    async def __aenter__(self) -> Base:
+    async def __aenter__(self: _B) -> _B:
         await self.ready()
         return self
 

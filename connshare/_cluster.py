@@ -13,7 +13,7 @@ import inspect
 import keyword
 import logging
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._base import Base
 from ._errors import ClientClosedError, ConfigurationError
@@ -54,6 +54,11 @@ class ClusterClient(Base):
     """A client whose real instance lives in the leader process of its port."""
 
     _proxy_specs: ClassVar[dict[str, MethodSpec]] = {}
+
+    if TYPE_CHECKING:
+        # The delegated methods are made per real class at create(): to a type
+        # checker, an attribute the client does not define is one of them.
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self, cls: type, options: Options, spec: dict[str, MethodSpec], args: tuple, kwargs: dict) -> None:
         super().__init__()
@@ -351,7 +356,9 @@ class APIClientBase(Base):
 
     DataClient: ClassVar[type]
     delegates: ClassVar[dict[str, str]] = {}
-    cluster_options: ClassVar[dict[str, Any]] = {}
+    #: options for ``cluster()``; a subclass may set them per instance, before
+    #: ``super().__init__()``
+    cluster_options: dict[str, Any] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()

@@ -111,6 +111,8 @@ class Pending:
         self.internal = internal
         self.ok = False
         self.value: Any = None
+        self.lock: _thread.LockType | None
+        self.fut: asyncio.Future[Any] | None
         if loop is None:
             self.lock = _thread.allocate_lock()
             self.lock.acquire()
@@ -864,6 +866,7 @@ class FollowerConnection:
             # resubscribes, as after a leader's loss) rather than lose them silently.
             self.abort(LeaderLostError(f"reading was interrupted by {exc!r}"))
             raise
+        return None
 
     def _drain(self) -> None:
         """Handle the frames read so far; those left by an interrupted reader first."""

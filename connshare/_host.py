@@ -197,8 +197,8 @@ class ChannelHost:
             keep(asyncio.ensure_future(res)).add_done_callback(self._log_failure)
 
     def _log_failure(self, task: asyncio.Future) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
             log.error("channel %r: real client call failed: %r", self.state.name, exc)
             self._fan_error(exc)
 

@@ -308,8 +308,9 @@ class Node:
                 self._start_host(st)
             interval = self.options.heartbeat_interval
             while not self.closing:
-                if interval is None:
+                if interval is None:  # no heartbeat: wait to be cancelled
                     await asyncio.Event().wait()
+                    continue
                 await asyncio.sleep(interval)
                 silent = time.monotonic() - 3 * interval
                 for peer in list(self.peers):

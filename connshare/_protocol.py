@@ -29,7 +29,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import msgpack
@@ -107,14 +107,17 @@ MESSAGES: dict[int, type[Message]] = {}
 USER_FIELDS: dict[int, tuple[int, ...]] = {}
 
 
-def _message(type_: MsgType, *shape: tuple[type, ...]) -> Callable[[type], type]:
-    """Register a message class for ``type_`` whose fields have the given types."""
+_M = TypeVar("_M", bound="type[Message]")
 
-    def wrap(cls: type) -> type:
-        cls = attrs.frozen(cls)
+
+def _message(type_: MsgType, *shape: tuple[type, ...]) -> Callable[[_M], _M]:
+    """Register a message class (an ``attrs.frozen`` one: applied by hand, so that
+    type checkers see its fields) for ``type_`` whose fields have the given types."""
+
+    def wrap(cls: _M) -> _M:
         cls.TYPE = type_
         cls.SHAPE = shape
-        assert len(attrs.fields(cls)) == len(shape), cls
+        assert len(attrs.fields(cls)) == len(shape), cls  # type: ignore[arg-type]
         MESSAGES[type_] = cls
         # Where a map may hide: the fields that carry the app's values.
         USER_FIELDS[type_] = tuple(i for i, types in enumerate(shape, 1) if types in (_ANY, _LIST, _DICT))
@@ -131,10 +134,11 @@ class Message:
     __slots__ = ()
 
     def to_wire(self) -> list[Any]:
-        return [self.TYPE, *attrs.astuple(self, recurse=False)]
+        return [self.TYPE, *attrs.astuple(self, recurse=False)]  # type: ignore[arg-type]
 
 
 @_message(MsgType.HELLO, _STR, _INT, _INT, _BYTES)
+@attrs.frozen
 class Hello(Message):
     magic: str
     version: int
@@ -143,6 +147,7 @@ class Hello(Message):
 
 
 @_message(MsgType.CHALLENGE, _STR, _INT, _INT, _BYTES, _BYTES)
+@attrs.frozen
 class Challenge(Message):
     magic: str
     version: int
@@ -152,22 +157,26 @@ class Challenge(Message):
 
 
 @_message(MsgType.AUTH, _BYTES)
+@attrs.frozen
 class Auth(Message):
     proof: bytes
 
 
 @_message(MsgType.WELCOME)
+@attrs.frozen
 class Welcome(Message):
     pass
 
 
 @_message(MsgType.REGISTER, _INT, _STR)
+@attrs.frozen
 class Register(Message):
     rid: int
     name: str
 
 
 @_message(MsgType.SUBSCRIBE, _INT, _INT, _STR, _ANY)
+@attrs.frozen
 class Subscribe(Message):
     rid: int
     channel: int
@@ -176,17 +185,20 @@ class Subscribe(Message):
 
 
 @_message(MsgType.UNSUBSCRIBE, _INT)
+@attrs.frozen
 class Unsubscribe(Message):
     key: int
 
 
 @_message(MsgType.EVENT, _INT, _ANY)
+@attrs.frozen
 class Event(Message):
     key: int
     value: Any
 
 
 @_message(MsgType.PUBLISH, _INT, _STR, _ANY)
+@attrs.frozen
 class Publish(Message):
     channel: int
     method: str
@@ -194,6 +206,7 @@ class Publish(Message):
 
 
 @_message(MsgType.INVOKE, _INT, _INT, _STR, _LIST, _DICT, _INT, _NUM_OR_NONE)
+@attrs.frozen
 class Invoke(Message):
     rid: int
     channel: int
@@ -205,12 +218,14 @@ class Invoke(Message):
 
 
 @_message(MsgType.RESULT, _INT, _ANY)
+@attrs.frozen
 class Result(Message):
     rid: int
     value: Any
 
 
 @_message(MsgType.ERROR, _INT, _INT, _STR, _STR, _LIST, _STR)
+@attrs.frozen
 class Error(Message):
     """An error answer to request ``rid`` (0: about the connection itself).
 
@@ -226,21 +241,25 @@ class Error(Message):
 
 
 @_message(MsgType.PING, _INT)
+@attrs.frozen
 class Ping(Message):
     token: int
 
 
 @_message(MsgType.PONG, _INT)
+@attrs.frozen
 class Pong(Message):
     token: int
 
 
 @_message(MsgType.GOODBYE)
+@attrs.frozen
 class Goodbye(Message):
     """The leader is leaving: elect the next one, finish calls already sent."""
 
 
 @_message(MsgType.CHANNEL_ERROR, _INT, _STR, _STR)
+@attrs.frozen
 class ChannelError(Message):
     """The real client of ``channel`` emitted an error event."""
 

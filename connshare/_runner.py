@@ -177,7 +177,7 @@ class CoroRunner:
         wait for its outcome. Raises CallTimeoutError after ``timeout`` s, having
         cancelled the call."""
         w = self._post(_Waiter(), fn, args, kwargs)
-        if not w.pending.lock.acquire(True, timeout):
+        if not w.pending.lock.acquire(True, timeout):  # type: ignore[union-attr]
             self._cancel_soon(w)
             raise _too_late(fn)
         return w.pending.outcome()
@@ -364,7 +364,7 @@ class CoroRunner:
         else:
             done(rid, value, None)
         finally:
-            self._tasks.discard(me)  # type: ignore[arg-type]
+            self._tasks.discard(me)
 
     def _own_task(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int) -> None:
         """A Task for one call, from its first step (without ``_enter_task``)."""

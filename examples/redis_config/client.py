@@ -37,8 +37,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Container, Iterable
+from typing import Any, ClassVar, TypeVar, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -171,7 +171,7 @@ class RedisConfigClient(Base):
     # -- the data API (delegated by the cluster client) --------------------------------
 
     def get(self, key: str) -> str | None:
-        return self._redis.get(self.prefix + key)
+        return cast("str | None", self._redis.get(self.prefix + key))  # decode_responses
 
     def set(self, key: str, value: Any) -> None:
         set_config(self._redis, key, value, self.prefix)
@@ -244,7 +244,7 @@ class RedisConfigClient(Base):
         finally:
             self._pool.disconnect()
 
-    def _handle(self, msg: dict, subscribed: set[str]) -> None:
+    def _handle(self, msg: dict, subscribed: Container[str]) -> None:
         channel = msg.get("channel")
         if not isinstance(channel, str) or not channel.startswith(self.prefix):
             return
@@ -290,7 +290,7 @@ class AsyncRedisConfigClient(Base):
     # -- the data API ----------------------------------------------------------------------
 
     async def get(self, key: str) -> str | None:
-        return await self._redis.get(self.prefix + key)
+        return cast("str | None", await self._redis.get(self.prefix + key))  # decode_responses
 
     async def set(self, key: str, value: Any) -> None:
         await aset_config(self._redis, key, value, self.prefix)
@@ -372,7 +372,7 @@ class AsyncRedisConfigClient(Base):
                 except Exception:
                     pass
 
-    async def _handle(self, msg: dict, subscribed: set[str]) -> None:
+    async def _handle(self, msg: dict, subscribed: Container[str]) -> None:
         channel = msg.get("channel")
         if not isinstance(channel, str) or not channel.startswith(self.prefix):
             return
@@ -408,7 +408,7 @@ class ConfigClient(APIClientBase):
     ``aset``/``afetch`` (awaitable) go through the leader to Redis.
     """
 
-    DataClient = RedisConfigClient
+    DataClient: ClassVar[type[Base]] = RedisConfigClient
     delegates = {"get": "invoke", "set": "invoke"}
     default_name = "redis-config"
 
