@@ -91,6 +91,8 @@ class Pending:
     any later frame is read (a SUBSCRIBE result must map its key id first)."""
 
     __slots__ = ("deadline", "fut", "hook", "internal", "lock", "loop", "ok", "timeout", "value")
+    lock: _thread.LockType | None
+    fut: asyncio.Future[Any] | None
 
     def __init__(
         self,
@@ -111,8 +113,6 @@ class Pending:
         self.internal = internal
         self.ok = False
         self.value: Any = None
-        self.lock: _thread.LockType | None
-        self.fut: asyncio.Future[Any] | None
         if loop is None:
             self.lock = _thread.allocate_lock()
             self.lock.acquire()
