@@ -217,6 +217,10 @@ class Base:
             await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def __enter__(self: _B) -> _B:
+        if inspect.iscoroutinefunction(type(self).close):
+            # __exit__ could only make the coroutine, never await it: nothing
+            # would be closed.
+            raise TypeError(f"{type(self).__name__}.close() is a coroutine: use 'async with', or 'await aclose()'")
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -69,6 +69,26 @@ def test_close_is_idempotent_in_every_form() -> None:
     assert c.closes == 1 and c.closed
 
 
+def test_a_client_with_an_async_close_refuses_a_plain_with() -> None:
+    class AsyncClient(Base):
+        closes = 0
+
+        async def close(self) -> None:
+            self.closes += 1
+
+    c = AsyncClient()
+    c.ready(True)
+    with pytest.raises(TypeError, match="async with"), c:
+        pass
+
+    async def main() -> None:
+        async with c:
+            pass
+
+    asyncio.run(main())
+    assert c.closes == 1 and c.closed
+
+
 def test_async_with_waits_ready_and_closes() -> None:
     async def main() -> Client:
         c = Client()
