@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import connshare
@@ -79,8 +78,3 @@ async def awaited() -> None:
     await AsyncRegistry().aclose()
     async with Config() as cfg:
         print(cfg)
-
-
-if __name__ == "__main__":
-    raise SystemExit("for mypy only")
-    asyncio.run(awaited())
