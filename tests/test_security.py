@@ -385,14 +385,18 @@ def test_a_program_that_accepts_and_hangs_up_gives_port_in_use_error(port) -> No
 
 def test_unencodable_values_raise_in_the_caller_and_nothing_is_sent(port, spawn, monkeypatch) -> None:
     seen: list[tuple[int | None, Any]] = []
-    dispatch = PeerProtocol._dispatch
 
-    def recording(self: PeerProtocol, wire: list) -> None:
-        if wire[0] not in (MsgType.PING, MsgType.PONG):
-            seen.append((self.pid, wire))
-        dispatch(self, wire)
+    def recording(handle: Callable[[PeerProtocol, list], None]) -> Callable[[PeerProtocol, list], None]:
+        def record(self: PeerProtocol, wire: list) -> None:
+            if wire[0] not in (MsgType.PING, MsgType.PONG):
+                seen.append((self.pid, wire))
+            handle(self, wire)
 
-    monkeypatch.setattr(PeerProtocol, "_dispatch", recording)
+        return record
+
+    # Every message the leader handles: calls go to _invoke, the rest to _dispatch.
+    for name in ("_invoke", "_dispatch"):
+        monkeypatch.setattr(PeerProtocol, name, recording(getattr(PeerProtocol, name)))
     with in_process_leader(port, secret=SECRET) as leader:
         (w,) = spawn([blast_spec(port, secret=SECRET, delegates=["echo", "history", ["sleep", "invoke_oneway"]])])
         w.ready()
