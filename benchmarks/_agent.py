@@ -341,12 +341,13 @@ def _h_lat_sync(mode: str, n: int, warmup: int) -> dict[str, Any]:
     clock = time.perf_counter_ns
     out = [0] * n
     bad = 0
+    cpu0 = time.thread_time_ns()
     for i in range(n):
         t0 = clock()
         r = fn(PAYLOAD)
         out[i] = clock() - t0
         bad += r != PAYLOAD
-    return {"samples": _samples(out), "mismatches": bad}
+    return {"samples": _samples(out), "mismatches": bad, "cpu_ns": time.thread_time_ns() - cpu0}
 
 
 def _h_lat_async(mode: str, n: int, warmup: int) -> dict[str, Any]:
@@ -372,12 +373,13 @@ def _h_lat_async(mode: str, n: int, warmup: int) -> dict[str, Any]:
         clock = time.perf_counter_ns
         out = [0] * n
         bad = 0
+        cpu0 = time.thread_time_ns()
         for i in range(n):
             t0 = clock()
             r = await fn(PAYLOAD)
             out[i] = clock() - t0
             bad += r != PAYLOAD
-        return {"samples": _samples(out), "mismatches": bad}
+        return {"samples": _samples(out), "mismatches": bad, "cpu_ns": time.thread_time_ns() - cpu0}
 
     return asyncio.run(run())
 

@@ -147,20 +147,39 @@ LATENCY_VARIANTS = {
 }
 
 
-def call_latency(n: int = 20000, warmup: int = 1000) -> dict[str, Any]:
-    """One leader, one follower (separate processes); sequential calls timed one by one."""
+#: the follower's variants again, with the opt-in spin_wait (the caller polls for its
+#: answer before it sleeps), beside the default in the same run
+SPIN_WAIT = 0.0001
+SPIN_VARIANTS = ("sync_aecho", "async_aecho", "sync_echo", "async_echo")
+
+
+def call_latency(n: int = 20000, warmup: int = 1000, spin_wait: float | None = SPIN_WAIT) -> dict[str, Any]:
+    """One leader, one follower (separate processes); sequential calls timed one by
+    one, with the caller's CPU time per call (``*_cpu_us``). With ``spin_wait``,
+    the follower's variants again on a fresh pair built with it (``spin_*``)."""
     out: dict[str, Any] = {"n": n, "warmup": warmup, "dist": {}}
     with UpstreamServer() as up, AgentSet() as s:
         leader, (follower,) = _leader_and_followers(s, 1, up, free_port(), _secret())
         for name, (cmd, mode, who) in LATENCY_VARIANTS.items():
             agent = follower if who == "follower" else leader
-            r = agent.call(cmd, 300.0, mode=mode, n=n, warmup=warmup)
-            samples = _samples(r["samples"])
-            _put(out, name, samples)
-            out[f"{name}_mismatches"] = r["mismatches"]
-            out["dist"][name] = _dist(samples)
+            _latency(out, name, agent.call(cmd, 300.0, mode=mode, n=n, warmup=warmup), n)
         out["upstream_connections"] = up.connections_total
+    if spin_wait:
+        out["spin_wait"] = spin_wait
+        with UpstreamServer() as up, AgentSet() as s:
+            _, (follower,) = _leader_and_followers(s, 1, up, free_port(), _secret(), options={"spin_wait": spin_wait})
+            for name in SPIN_VARIANTS:
+                cmd, mode, _ = LATENCY_VARIANTS[name]
+                _latency(out, f"spin_{name}", follower.call(cmd, 300.0, mode=mode, n=n, warmup=warmup), n)
     return out
+
+
+def _latency(out: dict[str, Any], name: str, r: dict[str, Any], n: int) -> None:
+    samples = _samples(r["samples"])
+    _put(out, name, samples)
+    out[f"{name}_mismatches"] = r["mismatches"]
+    out[f"{name}_cpu_us"] = round(r["cpu_ns"] / n / 1000, 2)
+    out["dist"][name] = _dist(samples)
 
 
 # =========================================================================== 3. throughput

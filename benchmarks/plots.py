@@ -76,6 +76,8 @@ LAT_LABELS = {
     "leader_aecho": "leader's own call, coroutine echo",
     "leader_async_aecho": "leader's own call, coroutine echo, asyncio caller",
     "leader_echo": "leader's own call, blocking echo",
+    "spin_sync_aecho": "follower, spin_wait=0.1 ms: blocking caller, coroutine echo",
+    "spin_async_aecho": "follower, spin_wait=0.1 ms: asyncio caller, coroutine echo",
 }
 
 

@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ._deadlines import LoopDeadlines
@@ -55,7 +55,7 @@ from ._errors import (
     NotSentError,
     ProtocolError,
 )
-from ._inplace import InPlace
+from ._inplace import InPlace, Spin
 from ._protocol import T_RESULT, Codec, Error, MessageDecoder, MsgType
 from ._remote import exception_from
 
@@ -184,6 +184,7 @@ class FollowerConnection:
         on_frame: Callable[[FollowerConnection, list], None],
         home: asyncio.AbstractEventLoop,
         wait_in_place: float = 0.0,
+        spin_wait: float = 0.0,
     ) -> None:
         sock.setblocking(True)
         self.sock = sock
@@ -231,6 +232,8 @@ class FollowerConnection:
         self._fd = sock.fileno()
         #: whether an awaited request may wait for its answer in place (None: never)
         self._in_place = InPlace(wait_in_place) if wait_in_place and self._fd < _SELECT_MAX else None
+        #: how long a caller reading its own answer polls before it sleeps (None: never)
+        self._spin = Spin(spin_wait) if spin_wait else None
         self._ep: Any = None
         if _EPOLL is not None:
             self._ep = _EPOLL(1)
@@ -291,7 +294,7 @@ class FollowerConnection:
             self._send_locked(frame, timeout)
 
     def _send_locked(self, frame: bytes | bytearray, timeout: float | None) -> None:
-        taken: list[int] = []
+        taken: Iterable[int] = ()
         if self._wbuf:
             self._wbuf += frame
             frame, self._wbuf = self._wbuf, bytearray()
@@ -405,24 +408,35 @@ class FollowerConnection:
         wire_without_rid[1] = rid
         frame = self.codec.pack(wire_without_rid)
         # Read our own answer when nobody else is reading.
-        reading = self._ep is not None and self._rtoken.acquire(False)
+        ep, rtoken = self._ep, self._rtoken
+        reading = ep is not None and rtoken.acquire(False)
         if reading and self._role is not None:
             self._reclaim_closed_role()
             if self._role is not None:  # an event loop reads: it answers us
-                self._rtoken.release()
+                rtoken.release()
                 reading = False
         if not reading:
             return self._request_read_elsewhere(rid, frame, timeout)
+        # _arm() inline, twice: each call meets cold caches after the wait, and
+        # a frame costs more then than the few lines it would save.
         try:
             # The home loop stands aside until we are done. Before the send: with
             # other threads about, this one may get the GIL back only after the
             # answer came, and the home loop would spin on it meanwhile.
-            self._arm(0)
+            try:
+                ep.modify(self._fd, 0)
+            except (OSError, ValueError):
+                pass  # the connection ended and its socket is closed
             p = self._send_then_pend(rid, frame, timeout)
             lock: Any = p.lock
             deadline = time.monotonic() + timeout
+            spin = self._spin
             while lock.locked() and not self._finished and time.monotonic() < deadline:
-                mine = self._read_once(0, rid)
+                if spin is None:
+                    mine = self._read_once(0, rid)
+                else:  # first poll, then (if that found nothing) sleep in recv
+                    mine = self._poll_for(spin, rid, deadline)
+                    spin = None
                 # Our answer, alone in its read, goes straight back to us; unless
                 # the request was failed meanwhile (its lock tells the outcome).
                 if mine is not None and self.pending.pop(rid, None) is not None:
@@ -430,8 +444,11 @@ class FollowerConnection:
                         self.close()
                     return mine[2]
         finally:
-            self._arm(_EPOLLIN)  # data that came meanwhile wakes the home loop
-            self._rtoken.release()
+            try:
+                ep.modify(self._fd, _EPOLLIN)  # data that came meanwhile wakes the home loop
+            except (OSError, ValueError):
+                pass
+            rtoken.release()
         return self._outcome(rid, p, deadline, timeout)
 
     def _send_then_pend(self, rid: int, frame: bytes, timeout: float, *pending: Any) -> Pending:
@@ -567,15 +584,20 @@ class FollowerConnection:
         """On ``loop``'s thread, the reader, request ``rid`` sent: read until its
         answer settles ``fut`` or ``until`` passes (the loop's selector then reads
         it, as for any awaited request)."""
+        spin = self._spin
         while not fut.done() and not self._finished:
-            left = until - time.monotonic()
-            # select(), not the socket's timeout: SO_RCVTIMEO counts in jiffies (8 ms here)
-            if left <= 0 or not select.select((self._fd,), (), (), left)[0]:
-                in_place.missed()
-                return
             self._here = loop
             try:
-                mine = self._read_once(_DONTWAIT, rid)
+                if spin is not None:  # first poll, then (if that found nothing) sleep in select()
+                    mine = self._poll_for(spin, rid, until)
+                    spin = None
+                else:
+                    left = until - time.monotonic()
+                    # select(), not the socket's timeout: SO_RCVTIMEO counts in jiffies (8 ms here)
+                    if left <= 0 or not select.select((self._fd,), (), (), left)[0]:
+                        in_place.missed()
+                        return
+                    mine = self._read_once(_DONTWAIT, rid)
             finally:
                 self._here = None
             if mine is not None and self.pending.pop(rid, None) is not None:
@@ -584,6 +606,25 @@ class FollowerConnection:
                     self.close()
                 break
         in_place.answered()
+
+    def _poll_for(self, spin: Spin, rid: int, limit: float) -> list | None:
+        """With the read token held, request ``rid`` sent: read without sleeping
+        until ``spin_wait`` or ``limit`` (``time.monotonic()``) passes. Returns what
+        ``_read_once`` does for ``rid``; None as well once its answer was handled
+        with other frames, the connection ended, or the time ran out."""
+        until = spin.until()
+        if not until:
+            return None
+        until = min(until, limit)
+        pending = self.pending
+        while True:
+            mine = self._read_once(_DONTWAIT, rid)
+            if mine is not None or rid not in pending or self._finished:
+                spin.answered()
+                return mine
+            if time.monotonic() >= until:
+                spin.missed()
+                return None
 
     # -- deadlines of awaited requests ------------------------------------------------------
 

@@ -287,8 +287,17 @@ class Node:
 
     async def _connect(self) -> tuple[FollowerConnection, bytes]:
         sock, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
+        opts = self.options
         conn = FollowerConnection(
-            sock, self.codec, decoder, peer_pid, self._on_conn_lost, self._on_conn_frame, self.loop, self.options.wait_in_place or 0.0
+            sock,
+            self.codec,
+            decoder,
+            peer_pid,
+            self._on_conn_lost,
+            self._on_conn_frame,
+            self.loop,
+            opts.wait_in_place or 0.0,
+            opts.spin_wait or 0.0,
         )
         return conn, early
 

@@ -72,6 +72,11 @@ def _wait(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(ok, a.name, "None or a number of seconds from 0 to 0.005", v)
 
 
+def _spin(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 0.001)
+    _check(ok, a.name, "None or a number of seconds from 0 to 0.001", v)
+
+
 def _secret(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(v is None or (isinstance(v, (str, bytes)) and len(v) >= 16), a.name, "None or a str/bytes of 16+ characters", v)
 
@@ -138,6 +143,13 @@ class Options:
     #: such calls, and a wait that ends with no answer turns waiting off for a
     #: while. asyncio's own loops only. ``None`` or ``0``: every call yields.
     wait_in_place: float | None = attrs.field(default=0.0002, validator=_wait)
+    #: A follower's caller that reads its own answer (a blocking caller, or an
+    #: awaited call waiting in place) polls the socket up to this long before it
+    #: sleeps, e.g. ``0.0001``: an answer that comes meanwhile is read without the
+    #: thread's wake-up, at the cost of a busy core while it polls. A poll that
+    #: ends with no answer turns polling off for a while. At most 1 ms.
+    #: ``None`` or ``0``: never poll.
+    spin_wait: float | None = attrs.field(default=None, validator=_spin)
 
     def secret_bytes(self) -> bytes | None:
         s = self.secret

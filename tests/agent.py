@@ -424,6 +424,22 @@ class Agent:
 
         return _run_closing(asyncio.new_event_loop(), asyncio.wait_for(go(), 120))
 
+    def op_calls_straddling(self, cid: str, n: int, seconds: float) -> dict:
+        """``op_acalls_straddling``'s calls, from this (blocking) thread."""
+        c = self.clients[cid]
+        bad = []
+        for i in range(n):
+            want = seconds if i % 2 else i
+            got = c.sleep(seconds) if i % 2 else c.echo(i)
+            if got != want:
+                bad.append([i, got])
+        return {"ok": n - len(bad), "bad": bad[:5]}
+
+    def op_spin_state(self, cid: str) -> dict | None:
+        """The connection's ``spin_wait`` policy (None: it never polls)."""
+        spin = self.clients[cid]._node.conn._spin
+        return None if spin is None else {"backoff": spin.backoff, "skip": spin.skip}
+
     def op_acall_with_timer(self, cid: str, method: str, args: list, after: float) -> dict:
         """An awaited call on a fresh loop with a timer due ``after`` s into it:
         whether the timer fired before the call returned."""

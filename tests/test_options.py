@@ -38,6 +38,10 @@ class Thing(Base):
         ({"wait_in_place": -0.001}, "wait_in_place"),
         ({"wait_in_place": 0.5}, "wait_in_place"),
         ({"wait_in_place": True}, "wait_in_place"),
+        ({"spin_wait": -0.0001}, "spin_wait"),
+        ({"spin_wait": 0.01}, "spin_wait"),
+        ({"spin_wait": True}, "spin_wait"),
+        ({"spin_wait": "1ms"}, "spin_wait"),
     ],
 )
 def test_a_bad_option_fails_at_once_naming_it(kwargs: dict, name: str) -> None:

@@ -270,3 +270,49 @@ def test_answers_that_come_as_an_in_place_wait_ends_reach_their_callers(port, up
     # some by the loop after the wait gave up, some as it gives up.
     _leader, follower = _pair(spawn, port, upstream.port, wait_in_place=0.0003)
     assert follower.request("acalls_straddling", "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
+
+
+@pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
+def test_a_caller_polls_for_its_answer_up_to_spin_wait_then_sleeps(port, upstream, spawn, awaited: bool) -> None:
+    # spin_wait: a caller that reads its own answer polls the socket before it
+    # sleeps. A slow answer ends the poll, which turns polling off for the next 2
+    # calls, and the caller sleeps rather than burn the whole wait; an answer read
+    # while polling turns it back on.
+    _leader, follower = _pair(spawn, port, upstream.port, spin_wait=0.001, wait_in_place=0.005)
+    assert follower.request("spin_state", "0") == {"backoff": 1, "skip": 0}
+    if awaited:
+        assert follower.request("acall", "0", "asleep", [0.5]) == 0.5
+    else:
+        result, cpu_s = follower.request("cpu_call", "0", "sleep", [0.5])
+        assert result == 0.5
+        assert cpu_s < 0.25, f"the caller burned {cpu_s:.2f} s of CPU waiting 0.5 s for its answer"
+    assert follower.request("spin_state", "0") == {"backoff": 2, "skip": 2}
+
+    def answered_while_polling() -> bool:
+        got = follower.request("acall", "0", "aecho", ["q"]) if awaited else follower.request("call", "0", "echo", ["q"])
+        assert got == "q"
+        return follower.request("spin_state", "0") == {"backoff": 1, "skip": 0}
+
+    wait_until(answered_while_polling, timeout=30, what="a quick answer read while polling")
+
+
+def test_spin_wait_off_means_no_polling(port, upstream, spawn) -> None:
+    _leader, follower = _pair(spawn, port, upstream.port)  # the default
+    assert follower.request("spin_state", "0") is None
+    assert follower.call("echo", 1) == 1
+
+
+@pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
+def test_answers_and_events_that_come_as_a_poll_ends_reach_their_callers(port, upstream, spawn, awaited: bool) -> None:
+    # Calls that take about as long as the poll: some answers are read while
+    # polling, some after it gave up, some as it gives up; an event that comes
+    # during a poll still reaches its listener.
+    _leader, follower = _pair(spawn, port, upstream.port, spin_wait=0.0003, wait_in_place=0.005)
+    op = "acalls_straddling" if awaited else "calls_straddling"
+    assert follower.request(op, "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
+    follower.subscribe({"key": "cfg"}, "cfg")
+    upstream.set("cfg", 0)
+    follower.wait_event("cfg", lambda v: v["value"] == 0)
+    for i in range(1, 21):
+        assert follower.call("emit_then_sleep", "cfg", i, 0.0002) == 0.0002
+        follower.wait_event("cfg", lambda v, i=i: v["value"] == i)
