@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -67,14 +68,12 @@ def _nice(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(v is None or (isinstance(v, int) and not isinstance(v, bool) and -20 <= v <= 19), a.name, "None or an int -20..19", v)
 
 
-def _wait(_inst: Any, a: attrs.Attribute, v: Any) -> None:
-    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 0.005)
-    _check(ok, a.name, "None or a number of seconds from 0 to 0.005", v)
+def _seconds_up_to(limit: float) -> Callable[[Any, attrs.Attribute, Any], None]:
+    def check(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+        ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= limit)
+        _check(ok, a.name, f"None or a number of seconds from 0 to {limit}", v)
 
-
-def _spin(_inst: Any, a: attrs.Attribute, v: Any) -> None:
-    ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 0.001)
-    _check(ok, a.name, "None or a number of seconds from 0 to 0.001", v)
+    return check
 
 
 def _secret(_inst: Any, a: attrs.Attribute, v: Any) -> None:
@@ -142,14 +141,14 @@ class Options:
     #: time then costs no pass of the loop. The loop still runs at least every 16
     #: such calls, and a wait that ends with no answer turns waiting off for a
     #: while. asyncio's own loops only. ``None`` or ``0``: every call yields.
-    wait_in_place: float | None = attrs.field(default=0.0002, validator=_wait)
+    wait_in_place: float | None = attrs.field(default=0.0002, validator=_seconds_up_to(0.005))
     #: A follower's caller that reads its own answer (a blocking caller, or an
     #: awaited call waiting in place) polls the socket up to this long before it
     #: sleeps, e.g. ``0.0001``: an answer that comes meanwhile is read without the
     #: thread's wake-up, at the cost of a busy core while it polls. A poll that
-    #: ends with no answer turns polling off for a while. At most 1 ms.
-    #: ``None`` or ``0``: never poll.
-    spin_wait: float | None = attrs.field(default=None, validator=_spin)
+    #: ends with no answer turns polling off for a while. At most 1 ms. Where a
+    #: caller reads its own answer: Linux. ``None`` or ``0``: never poll.
+    spin_wait: float | None = attrs.field(default=None, validator=_seconds_up_to(0.001))
 
     def secret_bytes(self) -> bytes | None:
         s = self.secret
