@@ -142,9 +142,9 @@ class ClusterClient(Base):
             raise AttributeError(f"{name!r} is not delegated on {type(self).__name__}")
         return spec
 
-    # invoke() and ainvoke() run per call: like the delegated methods, they call no
-    # helper on the usual path (a call after a wait meets cold caches, where each
-    # Python frame costs a fraction of a microsecond).
+    # invoke() and ainvoke() run per call: like the delegated methods, they call
+    # no helper but on_loop_thread() on the usual path (a call after a wait meets
+    # cold caches, where each Python frame costs a fraction of a microsecond).
     def invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call delegated ``method`` and block for its result, whatever its kind."""
         if on_loop_thread():
