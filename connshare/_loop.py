@@ -19,6 +19,7 @@ from threading import get_ident
 from typing import Any, TypeVar
 
 from ._errors import ConcurrencyError
+from ._polling import PollingSelector
 
 # Imported above, not lazily by the loop thread's first getaddrinfo: a fork while
 # that thread holds the import lock leaves the child unable to import it
@@ -32,6 +33,8 @@ _loop: asyncio.AbstractEventLoop | None = None
 _thread: threading.Thread | None = None
 #: the loop thread's ident: checked on every blocking call
 _ident: int | None = None
+#: the selector of connshare's loop, when it is asyncio's (``leader_spin_wait``)
+_selector: PollingSelector | None = None
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
@@ -60,6 +63,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop where installed (the ``fast`` extra) unless CONNSHARE_LOOP=asyncio."""
+    global _selector
     if os.environ.get("CONNSHARE_LOOP", "").lower() != "asyncio":
         try:
             import uvloop
@@ -67,7 +71,13 @@ def _new_loop() -> asyncio.AbstractEventLoop:
             pass
         else:
             return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    _selector = PollingSelector()
+    return asyncio.SelectorEventLoop(_selector)
+
+
+def loop_selector() -> PollingSelector | None:
+    """The selector of connshare's loop; None under uvloop."""
+    return _selector
 
 
 def loop_thread_id() -> int | None:
@@ -98,13 +108,14 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
 
 
 def _after_fork_in_child() -> None:
-    global _loop, _thread, _ident, _lock
+    global _loop, _thread, _ident, _lock, _selector
     # The loop's thread does not exist in the child; its selector and self-pipe are
     # shared with the parent. Forget them without closing (closing would touch fds
     # the parent still uses).
     _loop = None
     _thread = None
     _ident = None
+    _selector = None
     _lock = threading.Lock()
 
 

@@ -21,7 +21,7 @@ import time
 import weakref
 from typing import Any
 
-from . import _priority
+from . import _polling, _priority
 from ._election import Retry, connect_to_leader, port_owner, try_bind
 from ._errors import (
     CallTimeoutError,
@@ -39,7 +39,7 @@ from ._errors import (
 from ._follower import FollowerConnection
 from ._host import ChannelHost
 from ._leader import PeerProtocol
-from ._loop import forbid_loop_thread, get_loop, on_loop_thread
+from ._loop import forbid_loop_thread, get_loop, loop_selector, on_loop_thread
 from ._options import Options
 from ._protocol import (
     ONEWAY,
@@ -311,6 +311,9 @@ class Node:
         nice = self.options.leader_nice
         if nice is not None:
             _priority.hold(nice)
+        spin = self.options.leader_spin_wait or 0.0
+        if spin:
+            _polling.hold(loop_selector(), spin, self.threads_running)
         try:
             self._accept_task = self.spawn(self._accept_loop(sock))
             for st in list(self.channels.values()):
@@ -328,6 +331,8 @@ class Node:
         finally:
             if nice is not None:
                 _priority.release(nice)
+            if spin:
+                _polling.release(loop_selector(), spin, self.threads_running)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         while not self.leaving:
@@ -358,6 +363,10 @@ class Node:
     @property
     def inflight(self) -> int:
         return self.inflight_loop + self._inflight_threads
+
+    def threads_running(self) -> int:
+        """Blocking methods running on worker threads now (read without the lock)."""
+        return self._inflight_threads
 
     def thread_call_started(self) -> None:
         with self._count_lock:

@@ -440,6 +440,31 @@ class Agent:
         spin = self.clients[cid]._node.conn._spin
         return None if spin is None else {"backoff": spin.backoff, "skip": spin.skip}
 
+    def op_leader_spin_state(self) -> dict | None:
+        """The ``leader_spin_wait`` policy of connshare's loop here (None: no poll)."""
+        from connshare._loop import loop_selector
+
+        spin = loop_selector().spin  # type: ignore[union-attr]
+        return None if spin is None else {"wait": spin.wait, "backoff": spin.backoff, "skip": spin.skip}
+
+    def op_tick_loop(self, every: float, seconds: float) -> dict:
+        """Wake connshare's loop every ``every`` s for ``seconds`` with a timer of its
+        own, as a client's ticker would: the loop thread's CPU time meanwhile, and
+        the ``leader_spin_wait`` policy at the end."""
+        from connshare._loop import get_loop
+
+        loop = get_loop()
+
+        async def tick() -> float:
+            t0 = time.thread_time()
+            end = loop.time() + seconds
+            while loop.time() < end:
+                await asyncio.sleep(every)
+            return time.thread_time() - t0
+
+        cpu = asyncio.run_coroutine_threadsafe(tick(), loop).result(seconds + 30)
+        return {"cpu_s": cpu, "spin": self.op_leader_spin_state()}
+
     def op_acall_with_timer(self, cid: str, method: str, args: list, after: float) -> dict:
         """An awaited call on a fresh loop with a timer due ``after`` s into it:
         whether the timer fired before the call returned."""
@@ -673,6 +698,8 @@ def agent_main(conn: Any, specs: list[dict]) -> None:
     try:
         if any(s.get("no_cap_sys_nice") for s in specs):
             drop_cap_sys_nice()  # before connshare's loop thread starts
+        if any(s.get("asyncio_loop") for s in specs):
+            os.environ["CONNSHARE_LOOP"] = "asyncio"  # not uvloop, even where installed
         agent = Agent(conn, specs)
     except BaseException as exc:
         conn.send(("fatal", describe(exc)))

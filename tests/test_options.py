@@ -42,6 +42,9 @@ class Thing(Base):
         ({"spin_wait": 0.01}, "spin_wait"),
         ({"spin_wait": True}, "spin_wait"),
         ({"spin_wait": "1ms"}, "spin_wait"),
+        ({"leader_spin_wait": -0.0001}, "leader_spin_wait"),
+        ({"leader_spin_wait": 0.002}, "leader_spin_wait"),
+        ({"leader_spin_wait": False}, "leader_spin_wait"),
     ],
 )
 def test_a_bad_option_fails_at_once_naming_it(kwargs: dict, name: str) -> None:

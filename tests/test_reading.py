@@ -16,10 +16,12 @@ from tests.hostile_clients import blast_spec
 DELEGATES = ["echo", "aecho", "asize", "asleep", "sleep", "whoami", "emit_then_sleep", "anote", "noted"]
 
 
-def _pair(spawn, port: int, upstream_port: int, **options):
+def _pair(spawn, port: int, upstream_port: int, asyncio_loop: bool = False, **options):
+    """A leader and a follower; ``asyncio_loop``: connshare's loop is asyncio's in
+    both, even where uvloop is installed."""
     a, b = spawn(
-        [kv_spec(port, upstream_port, delegates=DELEGATES, **options)],
-        [kv_spec(port, upstream_port, delegates=DELEGATES, **options)],
+        [{**kv_spec(port, upstream_port, delegates=DELEGATES, **options), "asyncio_loop": asyncio_loop}],
+        [{**kv_spec(port, upstream_port, delegates=DELEGATES, **options), "asyncio_loop": asyncio_loop}],
     )
     a.ready()
     b.ready()
@@ -308,6 +310,65 @@ def test_answers_and_events_that_come_as_a_poll_ends_reach_their_callers(port, u
     # polling, some after it gave up, some as it gives up; an event that comes
     # during a poll still reaches its listener.
     _leader, follower = _pair(spawn, port, upstream.port, spin_wait=0.0003, wait_in_place=0.005)
+    op = "acalls_straddling" if awaited else "calls_straddling"
+    assert follower.request(op, "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
+    follower.subscribe({"key": "cfg"}, "cfg")
+    upstream.set("cfg", 0)
+    follower.wait_event("cfg", lambda v: v["value"] == 0)
+    for i in range(1, 21):
+        assert follower.call("emit_then_sleep", "cfg", i, 0.0002) == 0.0002
+        follower.wait_event("cfg", lambda v, i=i: v["value"] == i)
+
+
+def test_the_leader_polls_for_requests_up_to_leader_spin_wait_and_backs_off(port, upstream, spawn) -> None:
+    # leader_spin_wait: the leader's loop polls before a select that would sleep.
+    # A poll that ends with nothing read turns polling off for a while, so a loop
+    # woken every 2 ms by a timer of its own polls now and then, not every time.
+    leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True, leader_spin_wait=0.001)
+    assert follower.request("spin_state", "0") is None  # a follower's callers do not poll
+    ticked = leader.request("tick_loop", 0.002, 1.0)
+    # polling at every tick would take half of it (1 ms of every 2)
+    assert ticked["cpu_s"] < 0.2, f"the loop thread burned {ticked['cpu_s']:.2f} s of CPU in 1 s of timers"
+    assert ticked["spin"]["wait"] == 0.001
+    assert ticked["spin"]["backoff"] >= 64, ticked
+    # quick calls (coroutine methods, run on the loop) come while it polls once the
+    # skipped selects are used up: polling is back on
+    assert follower.request("acalls_straddling", "0", 1000, 0.0) == {"ok": 1000, "bad": []}
+    assert leader.request("leader_spin_state")["backoff"] <= 4
+
+
+def test_the_leader_does_not_poll_while_a_blocking_method_runs(port, upstream, spawn) -> None:
+    # A polling loop thread takes the GIL back after each zero-timeout select,
+    # before a waiting thread can: a worker thread running a blocking method
+    # would wait for it. So the loop does not poll while one runs.
+    leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True, leader_spin_wait=0.001)
+    follower.request("call_in_thread", "0", "sleep", [1.0], "slow")
+    wait_until(lambda: leader.request("inflight", "0") == 1, timeout=10, what="the blocking call running on the leader")
+    before = leader.request("leader_spin_state")
+    ticked = leader.request("tick_loop", 0.002, 0.3)
+    assert follower.request("call_running", "slow")
+    assert ticked["spin"] == before, "the loop polled while a blocking method ran"
+    assert follower.request("join_call", "slow") == ("ok", 1.0)
+
+
+def test_leader_spin_wait_follows_the_leader(port, upstream, spawn) -> None:
+    # Only a process that leads polls; when it stops leading it stops polling,
+    # and the follower that takes over starts.
+    leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True, leader_spin_wait=0.0002)
+    assert leader.request("leader_spin_state")["wait"] == 0.0002
+    assert follower.request("leader_spin_state") is None
+    leader.request("close", "0")
+    assert leader.request("leader_spin_state") is None
+    wait_until(lambda: follower.role()["is_leader"], timeout=30, what="the follower taking over")
+    wait_until(lambda: follower.request("leader_spin_state") is not None, timeout=10, what="the new leader polling")
+    assert follower.call("echo", 1) == 1
+
+
+@pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
+def test_calls_and_events_reach_their_callers_while_the_leader_polls(port, upstream, spawn, awaited: bool) -> None:
+    # Calls whose next request comes about as the leader's poll ends, quick ones
+    # between slow ones, and events emitted during a poll, with both sides polling.
+    _leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True, leader_spin_wait=0.0003, spin_wait=0.0003, wait_in_place=0.005)
     op = "acalls_straddling" if awaited else "calls_straddling"
     assert follower.request(op, "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
     follower.subscribe({"key": "cfg"}, "cfg")
