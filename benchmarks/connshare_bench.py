@@ -147,38 +147,54 @@ LATENCY_VARIANTS = {
 }
 
 
-#: the follower's variants again, with the opt-in spin_wait (the caller polls for its
-#: answer before it sleeps), beside the default in the same run
+#: the follower's variants again on fresh pairs built with the opt-in polling
+#: options, beside the default in the same run: ``spin_*`` the follower's callers
+#: poll for their answers (spin_wait), ``lspin_*`` the leader's loop polls for the
+#: next request (leader_spin_wait), ``bspin_*`` both
 SPIN_WAIT = 0.0001
+POLLING: dict[str, dict[str, float]] = {
+    "spin": {"spin_wait": SPIN_WAIT},
+    "lspin": {"leader_spin_wait": SPIN_WAIT},
+    "bspin": {"spin_wait": SPIN_WAIT, "leader_spin_wait": SPIN_WAIT},
+}
 SPIN_VARIANTS = ("sync_aecho", "async_aecho", "sync_echo", "async_echo")
 
 
-def call_latency(n: int = 20000, warmup: int = 1000, spin_wait: float | None = SPIN_WAIT) -> dict[str, Any]:
+def call_latency(n: int = 20000, warmup: int = 1000, polling: bool = True) -> dict[str, Any]:
     """One leader, one follower (separate processes); sequential calls timed one by
-    one, with the caller's CPU time per call (``*_cpu_us``). With ``spin_wait``,
-    the follower's variants again on a fresh pair built with it (``spin_*``)."""
+    one, with the caller's and the leader process's CPU time per call (``*_cpu_us``,
+    ``*_leader_cpu_us``). With ``polling``, the follower's variants again on a fresh
+    pair for each of :data:`POLLING`."""
     out: dict[str, Any] = {"n": n, "warmup": warmup, "dist": {}}
     with UpstreamServer() as up, AgentSet() as s:
         leader, (follower,) = _leader_and_followers(s, 1, up, free_port(), _secret())
         for name, (cmd, mode, who) in LATENCY_VARIANTS.items():
             agent = follower if who == "follower" else leader
-            _latency(out, name, agent.call(cmd, 300.0, mode=mode, n=n, warmup=warmup), n)
+            _latency(out, name, leader, agent, cmd, mode, n, warmup)
         out["upstream_connections"] = up.connections_total
-    if spin_wait:
-        out["spin_wait"] = spin_wait
-        with UpstreamServer() as up, AgentSet() as s:
-            _, (follower,) = _leader_and_followers(s, 1, up, free_port(), _secret(), options={"spin_wait": spin_wait})
-            for name in SPIN_VARIANTS:
-                cmd, mode, _ = LATENCY_VARIANTS[name]
-                _latency(out, f"spin_{name}", follower.call(cmd, 300.0, mode=mode, n=n, warmup=warmup), n)
+    if polling:
+        out["spin_wait"] = SPIN_WAIT
+        for prefix, options in POLLING.items():
+            with UpstreamServer() as up, AgentSet() as s:
+                leader, (follower,) = _leader_and_followers(s, 1, up, free_port(), _secret(), options=options)
+                for name in SPIN_VARIANTS:
+                    cmd, mode, _ = LATENCY_VARIANTS[name]
+                    _latency(out, f"{prefix}_{name}", leader, follower, cmd, mode, n, warmup)
     return out
 
 
-def _latency(out: dict[str, Any], name: str, r: dict[str, Any], n: int) -> None:
+def _latency(out: dict[str, Any], name: str, leader: Agent, caller: Agent, cmd: str, mode: str, n: int, warmup: int) -> None:
+    lp = psutil.Process(leader.pid)
+    before = lp.cpu_times()
+    r = caller.call(cmd, 300.0, mode=mode, n=n, warmup=warmup)
+    after = lp.cpu_times()
     samples = _samples(r["samples"])
     _put(out, name, samples)
     out[f"{name}_mismatches"] = r["mismatches"]
     out[f"{name}_cpu_us"] = round(r["cpu_ns"] / n / 1000, 2)
+    # the whole leader process, warm-up calls included (a clock tick is 10 ms)
+    leader_s = after.user + after.system - before.user - before.system
+    out[f"{name}_leader_cpu_us"] = round(leader_s * 1e6 / (n + warmup), 2)
     out["dist"][name] = _dist(samples)
 
 

@@ -78,6 +78,8 @@ LAT_LABELS = {
     "leader_echo": "leader's own call, blocking echo",
     "spin_sync_aecho": "follower, spin_wait=0.1 ms: blocking caller, coroutine echo",
     "spin_async_aecho": "follower, spin_wait=0.1 ms: asyncio caller, coroutine echo",
+    "bspin_sync_aecho": "follower, both polls 0.1 ms: blocking caller, coroutine echo",
+    "bspin_async_aecho": "follower, both polls 0.1 ms: asyncio caller, coroutine echo",
 }
 
 

@@ -193,6 +193,24 @@ def _plain(w: dict[str, Any], name: str, keys: list[str]) -> str:
     return " / ".join(_fmt(v) for v in vals)
 
 
+def _polling_rows() -> list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]]:
+    """The call workload's pairs with the opt-in polling options, and CPU per call."""
+    polls = (("spin", "spin_wait=0.1 ms"), ("lspin", "leader_spin_wait=0.1 ms"), ("bspin", "both 0.1 ms"))
+    callers = (("blocking caller", "sync_aecho"), ("asyncio caller", "async_aecho"))
+    shown: list[tuple[str, list[str]]] = []
+    for prefix, what in polls:
+        for caller, v in callers:
+            shown.append((f"Call µs p50 / p99, {what}: {caller}, coroutine echo", [f"{prefix}_{v}_p50_us", f"{prefix}_{v}_p99_us"]))
+        blocking = [f"{prefix}_sync_echo_p50_us", f"{prefix}_async_echo_p50_us"]
+        shown.append((f"Call µs p50, {what}: blocking caller, blocking echo / asyncio caller, blocking echo", blocking))
+    heads = "default / spin_wait / leader_spin_wait / both"
+    for whose, suffix in (("Caller's", "cpu_us"), ("Leader process's", "leader_cpu_us")):
+        for caller, v in callers:
+            keys = [f"{v}_{suffix}"] + [f"{prefix}_{v}_{suffix}" for prefix, _ in polls]
+            shown.append((f"{whose} CPU µs per call, {caller}, coroutine echo: {heads}", keys))
+    return [(label, ("connshare_call", keys), None, None, "", None) for label, keys in shown]
+
+
 # (label, ours (workload, keys), node (workload, keys) | None, basemanager | None, target text, check)
 ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
     (
@@ -227,46 +245,7 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         "<= 70 / 140",
         ("le", [70, 140]),
     ),
-    (
-        "Caller's CPU µs per call: blocking caller, coroutine echo / asyncio caller, coroutine echo",
-        ("connshare_call", ["sync_aecho_cpu_us", "async_aecho_cpu_us"]),
-        None,
-        None,
-        "",
-        None,
-    ),
-    (
-        "Call µs p50 / p99, spin_wait=0.1 ms: blocking caller, coroutine echo",
-        ("connshare_call", ["spin_sync_aecho_p50_us", "spin_sync_aecho_p99_us"]),
-        None,
-        None,
-        "",
-        None,
-    ),
-    (
-        "Call µs p50 / p99, spin_wait=0.1 ms: asyncio caller, coroutine echo",
-        ("connshare_call", ["spin_async_aecho_p50_us", "spin_async_aecho_p99_us"]),
-        None,
-        None,
-        "",
-        None,
-    ),
-    (
-        "Call µs p50, spin_wait=0.1 ms: blocking caller, blocking echo / asyncio caller, blocking echo",
-        ("connshare_call", ["spin_sync_echo_p50_us", "spin_async_echo_p50_us"]),
-        None,
-        None,
-        "",
-        None,
-    ),
-    (
-        "Caller's CPU µs per call, spin_wait=0.1 ms: blocking caller, coroutine echo / asyncio caller, coroutine echo",
-        ("connshare_call", ["spin_sync_aecho_cpu_us", "spin_async_aecho_cpu_us"]),
-        None,
-        None,
-        "",
-        None,
-    ),
+    *_polling_rows(),
     (
         "Call µs p50 / p99: leader's own call, blocking echo",
         ("connshare_call", ["leader_echo_p50_us", "leader_echo_p99_us"]),
