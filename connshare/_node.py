@@ -41,6 +41,7 @@ from ._host import ChannelHost
 from ._leader import PeerProtocol
 from ._loop import forbid_loop_thread, get_loop, loop_selector, on_loop_thread
 from ._options import Options
+from ._polling import waits
 from ._protocol import (
     ONEWAY,
     T_INVOKE,
@@ -313,7 +314,7 @@ class Node:
             _priority.hold(nice)
         spin = self.options.leader_spin_wait or 0.0
         if spin:
-            _polling.hold(loop_selector(), spin, self.threads_running)
+            _polling.hold(loop_selector(), spin)
         try:
             self._accept_task = self.spawn(self._accept_loop(sock))
             for st in list(self.channels.values()):
@@ -332,7 +333,7 @@ class Node:
             if nice is not None:
                 _priority.release(nice)
             if spin:
-                _polling.release(loop_selector(), spin, self.threads_running)
+                _polling.release(loop_selector(), spin)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         while not self.leaving:
@@ -364,15 +365,13 @@ class Node:
     def inflight(self) -> int:
         return self.inflight_loop + self._inflight_threads
 
-    def threads_running(self) -> int:
-        """Blocking methods running on worker threads now (read without the lock)."""
-        return self._inflight_threads
-
     def thread_call_started(self) -> None:
         with self._count_lock:
             self._inflight_threads += 1
+        waits.append(None)
 
     def thread_call_done(self) -> None:
+        waits.pop()
         with self._count_lock:
             self._inflight_threads -= 1
             idle = self._inflight_threads + self.inflight_loop == 0
@@ -651,7 +650,11 @@ class Node:
         if not is_coro:
             return fn(*args, **kwargs)
         forbid_loop_thread(f"the blocking call of coroutine method {method!r}")
-        return self.runner.call_from_thread(fn, args, kwargs, max(deadline - time.monotonic(), 0.0))
+        waits.append(None)  # a polling loop would keep this thread from the GIL
+        try:
+            return self.runner.call_from_thread(fn, args, kwargs, max(deadline - time.monotonic(), 0.0))
+        finally:
+            waits.pop()
 
     async def invoke_async(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict, timeout: float) -> Any:
         start = time.monotonic()
@@ -687,7 +690,11 @@ class Node:
         fn, is_coro = host.resolve(method)
         left = max(deadline - time.monotonic(), 0.0)
         if is_coro and loop is not self.loop:  # the app's own loop (uvicorn's)
-            return await self.runner.call_async(fn, args, kwargs, left, loop)
+            waits.append(None)
+            try:
+                return await self.runner.call_async(fn, args, kwargs, left, loop)
+            finally:
+                waits.pop()
         try:
             if not is_coro:
                 # a blocking method awaited in the leader: the caller loop's executor

@@ -11,33 +11,43 @@ running; one that does not turns polling off for the next 2, 4, ... selects
 The price is a busy core while it polls, and the GIL: a polling thread takes it
 back after each zero-timeout select before a waiting thread can, so a thread of
 the leader's own process that wants it waits, at worst, until the poll ends. The
-loop does not poll while a blocking method runs on a worker thread, which would
-wait for the GIL in its turn (14 µs more per blocking call, measured). asyncio's
+loop does not poll while a thread waits on it: a worker running a blocking
+method (the blocking echo was 14 µs slower, measured), or a caller in this process
+waiting for a coroutine method the loop runs (4 to 6 µs slower). asyncio's
 selector loop only (uvloop has no selector to wrap).
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import selectors
 import time
-from collections.abc import Callable
 from typing import Any
 
 from ._inplace import Spin
 
 
 class PollingSelector(selectors.DefaultSelector):
-    """connshare's loop's selector: polls up to ``spin.wait`` before it sleeps."""
+    """connshare's loop's selector: while :meth:`poll_for` has set a policy, polls
+    up to its wait before a select that would sleep. Without one, ``select`` is the
+    plain selector's: a loop that does not poll pays no frame for it."""
 
     def __init__(self) -> None:
         super().__init__()
-        #: set while this process leads with leader_spin_wait (on the loop's thread)
         self.spin: Spin | None = None
 
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+    def poll_for(self, spin: Spin | None) -> None:
+        """On the loop's thread: poll with ``spin`` from now on (None: never)."""
+        self.spin = spin
+        if spin is None:
+            self.__dict__.pop("select", None)
+        else:
+            self.select = self._select_polling  # type: ignore[method-assign]
+
+    def _select_polling(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         spin = self.spin
-        if spin is not None and (timeout is None or timeout > spin.wait) and not _threads_busy():
+        if spin is not None and (timeout is None or timeout > spin.wait) and not waits:
             until = spin.until()
             if until:
                 select, now = super().select, time.monotonic
@@ -52,35 +62,38 @@ class PollingSelector(selectors.DefaultSelector):
         return super().select(timeout)
 
 
-#: per node leading now with a spin wait: the wait, and its count of blocking
-#: methods running on worker threads (all changed on connshare's loop thread)
-_held: list[tuple[float, Callable[[], int]]] = []
+#: one item per thread waiting on connshare's loop now: a worker running a
+#: blocking method for a follower, or a caller in this process waiting for a
+#: coroutine method the loop runs (deque appends and pops are atomic)
+waits: collections.deque = collections.deque()
+#: the spin waits asked for by the nodes leading now (on connshare's loop thread)
+_held: list[float] = []
 
 
-def _threads_busy() -> bool:
-    return any(running() for _, running in _held)
-
-
-def hold(selector: Any, wait: float, running: Callable[[], int]) -> None:
+def hold(selector: Any, wait: float) -> None:
     """On connshare's loop thread, as a node starts to lead with ``wait``: poll for
-    the longest wait any leading node asked for, while none of them has a blocking
-    method running (``running()``)."""
-    _held.append((wait, running))
+    the longest wait any leading node asked for."""
+    _held.append(wait)
     _set(selector)
 
 
-def release(selector: Any, wait: float, running: Callable[[], int]) -> None:
+def release(selector: Any, wait: float) -> None:
     """On connshare's loop thread, as that node stops leading."""
-    if (wait, running) in _held:
-        _held.remove((wait, running))
+    if wait in _held:
+        _held.remove(wait)
     _set(selector)
 
 
 def _set(selector: Any) -> None:
     if isinstance(selector, PollingSelector):
-        longest = max((wait for wait, _ in _held), default=0.0)
+        longest = max(_held, default=0.0)
         if selector.spin is None or selector.spin.wait != longest:
-            selector.spin = Spin(longest) if longest else None
+            selector.poll_for(Spin(longest) if longest else None)
 
 
-os.register_at_fork(after_in_child=_held.clear)
+def _after_fork_in_child() -> None:
+    _held.clear()
+    waits.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -447,6 +447,12 @@ class Agent:
         spin = loop_selector().spin  # type: ignore[union-attr]
         return None if spin is None else {"wait": spin.wait, "backoff": spin.backoff, "skip": spin.skip}
 
+    def op_threads_waiting_on_loop(self) -> int:
+        """Threads of this process waiting on connshare's loop (the leader polls not)."""
+        from connshare._polling import waits
+
+        return len(waits)
+
     def op_tick_loop(self, every: float, seconds: float) -> dict:
         """Wake connshare's loop every ``every`` s for ``seconds`` with a timer of its
         own, as a client's ticker would: the loop thread's CPU time meanwhile, and

@@ -337,18 +337,26 @@ def test_the_leader_polls_for_requests_up_to_leader_spin_wait_and_backs_off(port
     assert leader.request("leader_spin_state")["backoff"] <= 4
 
 
-def test_the_leader_does_not_poll_while_a_blocking_method_runs(port, upstream, spawn) -> None:
+@pytest.mark.parametrize("waiter", ["worker", "own_caller"])
+def test_the_leader_does_not_poll_while_a_thread_waits_on_its_loop(port, upstream, spawn, waiter: str) -> None:
     # A polling loop thread takes the GIL back after each zero-timeout select,
-    # before a waiting thread can: a worker thread running a blocking method
-    # would wait for it. So the loop does not poll while one runs.
+    # before a waiting thread can. So the loop does not poll while a thread waits
+    # on it: a worker running a follower's blocking method, or the leader's own
+    # caller of a coroutine method that the loop runs for it.
     leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True, leader_spin_wait=0.001)
-    follower.request("call_in_thread", "0", "sleep", [1.0], "slow")
-    wait_until(lambda: leader.request("inflight", "0") == 1, timeout=10, what="the blocking call running on the leader")
+    if waiter == "worker":
+        caller = follower
+        follower.request("call_in_thread", "0", "sleep", [1.0], "slow")
+        wait_until(lambda: leader.request("inflight", "0") == 1, timeout=10, what="the blocking call running on the leader")
+    else:
+        caller = leader
+        leader.request("call_in_thread", "0", "invoke", ["asleep", 1.0], "slow")  # a blocking call
+        wait_until(lambda: leader.request("threads_waiting_on_loop") == 1, timeout=10, what="the call waiting on the leader's loop")
     before = leader.request("leader_spin_state")
     ticked = leader.request("tick_loop", 0.002, 0.3)
-    assert follower.request("call_running", "slow")
-    assert ticked["spin"] == before, "the loop polled while a blocking method ran"
-    assert follower.request("join_call", "slow") == ("ok", 1.0)
+    assert caller.request("call_running", "slow")
+    assert ticked["spin"] == before, "the loop polled while a thread waited on it"
+    assert caller.request("join_call", "slow") == ("ok", 1.0)
 
 
 def test_leader_spin_wait_follows_the_leader(port, upstream, spawn) -> None:
