@@ -91,7 +91,8 @@ def latency(w: dict[str, Any], out: Path) -> Path | None:
         run = _median_run(w, name, f"{v}_p50_us")
         if run is None or not run.get("dist", {}).get(v):
             continue
-        ax.plot(run["dist"][v], [q * 100 for q in DIST_Q], label=label)
+        # the opt-in polling pairs dashed: the default's colours repeat after ten
+        ax.plot(run["dist"][v], [q * 100 for q in DIST_Q], "--" if "spin_" in v else "-", label=label)
         drawn = True
     if not drawn:
         plt.close(fig)
