@@ -133,6 +133,21 @@ class Worker:
         self.conn.close()
 
 
+def blast_until_subscribed(leader: Worker, followers: list[Worker], key: str = "k", timeout: float = 30) -> int:
+    """Have a BlastClient leader emit one value at a time on ``key`` until every
+    follower has received one, and return the last one's sequence number, which
+    every follower receives. A follower's ``subscribe()`` returns before the leader
+    has the subscription, and a BlastClient keeps no last value to hand it later."""
+    last = [0]
+
+    def all_subscribed() -> bool:
+        last[0] = leader.call("blast", key, 1, 8)
+        return all(f.values(key) for f in followers)
+
+    wait_until(all_subscribed, timeout, what=f"every follower's subscription to {key!r} live")
+    return last[0]
+
+
 def wait_until(pred: Any, timeout: float = 20, interval: float = 0.01, what: str = "condition") -> Any:
     """Poll ``pred`` until it is truthy or the deadline passes (then fail)."""
     deadline = time.monotonic() + timeout

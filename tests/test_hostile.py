@@ -24,7 +24,7 @@ from connshare import FrameTooLargeError, LimitExceededError, NotReadyError, Pro
 from connshare._loop import get_loop
 from connshare._protocol import MESSAGES, ONEWAY, Codec, ErrorCode, FrameDecoder, MessageDecoder, MsgType, check_shape, to_message
 from tests.conftest import pick_port
-from tests.harness import AgentError, Worker, wait_until
+from tests.harness import AgentError, Worker, blast_until_subscribed, wait_until
 from tests.hostile_clients import BlastClient, blast_spec, in_process_leader
 from tests.rawpeer import HEADER, LogCapture, RawPeer, frame, pack
 
@@ -659,6 +659,7 @@ def test_a_follower_that_stops_reading_cannot_make_the_leader_buffer_without_bou
     for w in (live, slow):
         w.ready()
         w.request("subscribe_summary", "0", {"key": "k"}, "k")
+    blast_until_subscribed(leader, [live, slow])
     size, per_round, rounds = 512 << 10, 2, 100  # 100 MB in all
     last = leader.call("blast", "k", per_round, size)  # warm up, and both receive
     for w in (live, slow):

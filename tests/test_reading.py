@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import kv_spec
-from tests.harness import wait_until
+from tests.harness import blast_until_subscribed, wait_until
 from tests.hostile_clients import blast_spec
 
 DELEGATES = ["echo", "aecho", "asize", "asleep", "sleep", "whoami", "emit_then_sleep", "anote", "noted"]
@@ -53,7 +53,7 @@ def test_events_reach_listeners_in_order_whoever_reads_them(port, spawn) -> None
     b.ready()
     leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
     follower.request("subscribe", "0", {"key": "k"}, "k")
-    first = leader.call("blast", "k", 1, 8)
+    first = blast_until_subscribed(leader, [follower])
     follower.wait_event("k", lambda v: v["seq"] == first)
     with ThreadPoolExecutor(1) as pool:
         # blocking callers take the read token in turn with connshare's loop
