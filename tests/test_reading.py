@@ -1,7 +1,8 @@
 """A follower's blocking caller reads its own answer off the socket when nobody else
 is reading (the background reader stands aside), and an event loop awaiting answers
 reads them on its own selector. Whoever reads must deliver every other frame too,
-and must hand the socket back however the call ends, or however the loop stalls."""
+and must hand the socket back however the call ends, or however the loop stalls.
+Either side may poll before it sleeps (``spin_wait``, ``leader_spin_wait``)."""
 
 from __future__ import annotations
 
@@ -304,12 +305,20 @@ def test_spin_wait_off_means_no_polling(port, upstream, spawn) -> None:
     assert follower.call("echo", 1) == 1
 
 
+POLLS = {
+    "follower": {"spin_wait": 0.0003},
+    # the leader's loop polls too: a request may come as its poll ends
+    "both": {"spin_wait": 0.0003, "leader_spin_wait": 0.0003, "asyncio_loop": True},
+}
+
+
+@pytest.mark.parametrize("polls", list(POLLS))
 @pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
-def test_answers_and_events_that_come_as_a_poll_ends_reach_their_callers(port, upstream, spawn, awaited: bool) -> None:
+def test_answers_and_events_that_come_as_a_poll_ends_reach_their_callers(port, upstream, spawn, awaited: bool, polls: str) -> None:
     # Calls that take about as long as the poll: some answers are read while
     # polling, some after it gave up, some as it gives up; an event that comes
     # during a poll still reaches its listener.
-    _leader, follower = _pair(spawn, port, upstream.port, spin_wait=0.0003, wait_in_place=0.005)
+    _leader, follower = _pair(spawn, port, upstream.port, wait_in_place=0.005, **POLLS[polls])
     op = "acalls_straddling" if awaited else "calls_straddling"
     assert follower.request(op, "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
     follower.subscribe({"key": "cfg"}, "cfg")
@@ -370,18 +379,3 @@ def test_leader_spin_wait_follows_the_leader(port, upstream, spawn) -> None:
     wait_until(lambda: follower.role()["is_leader"], timeout=30, what="the follower taking over")
     wait_until(lambda: follower.request("leader_spin_state") is not None, timeout=10, what="the new leader polling")
     assert follower.call("echo", 1) == 1
-
-
-@pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
-def test_calls_and_events_reach_their_callers_while_the_leader_polls(port, upstream, spawn, awaited: bool) -> None:
-    # Calls whose next request comes about as the leader's poll ends, quick ones
-    # between slow ones, and events emitted during a poll, with both sides polling.
-    _leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True, leader_spin_wait=0.0003, spin_wait=0.0003, wait_in_place=0.005)
-    op = "acalls_straddling" if awaited else "calls_straddling"
-    assert follower.request(op, "0", 600, 0.0002, timeout=150) == {"ok": 600, "bad": []}
-    follower.subscribe({"key": "cfg"}, "cfg")
-    upstream.set("cfg", 0)
-    follower.wait_event("cfg", lambda v: v["value"] == 0)
-    for i in range(1, 21):
-        assert follower.call("emit_then_sleep", "cfg", i, 0.0002) == 0.0002
-        follower.wait_event("cfg", lambda v, i=i: v["value"] == i)
