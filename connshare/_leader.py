@@ -27,6 +27,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._host import ChannelHost, KeyState
+from ._polling import waits
 from ._protocol import (
     MAX_HANDSHAKE_FRAME,
     ONEWAY,
@@ -466,6 +467,7 @@ class PeerProtocol:
             self._error(rid, exc)
             return
         if threaded:
+            waits.append(None)  # no poll on the loop until this call's answer is written
             self.node.thread_call_started()
             self.node.workers.submit(self._run_blocking, rid, fn, args, kwargs, self._finish_threaded)
             return
@@ -505,10 +507,13 @@ class PeerProtocol:
 
     def _finish_threaded(self, rid: int, value: Any, exc: BaseException | None) -> None:
         """Answer request ``rid``, which ran on this worker thread."""
-        with self._wlock:
-            self.inflight_threads -= 1
-        self.node.thread_call_done()
-        self._answer(rid, value, exc, False)
+        try:
+            with self._wlock:
+                self.inflight_threads -= 1
+            self.node.thread_call_done()
+            self._answer(rid, value, exc, False)
+        finally:
+            waits.pop()
 
     def _answer(self, rid: int, value: Any, exc: BaseException | None, on_loop: bool) -> None:
         if rid and not self.closed:

@@ -368,10 +368,8 @@ class Node:
     def thread_call_started(self) -> None:
         with self._count_lock:
             self._inflight_threads += 1
-        waits.append(None)
 
     def thread_call_done(self) -> None:
-        waits.pop()
         with self._count_lock:
             self._inflight_threads -= 1
             idle = self._inflight_threads + self.inflight_loop == 0

@@ -63,8 +63,9 @@ class PollingSelector(selectors.DefaultSelector):
 
 
 #: one item per thread waiting on connshare's loop now: a worker running a
-#: blocking method for a follower, or a caller in this process waiting for a
-#: coroutine method the loop runs (deque appends and pops are atomic)
+#: blocking method for a follower, until its answer is written, or a caller in
+#: this process waiting for a coroutine method the loop runs (deque appends and
+#: pops are atomic)
 waits: collections.deque = collections.deque()
 #: the spin waits asked for by the nodes leading now (on connshare's loop thread)
 _held: list[float] = []
