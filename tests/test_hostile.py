@@ -584,16 +584,18 @@ def test_max_subscriptions_per_follower(arena: Arena) -> None:
     assert not w.values(keys[-1])
     # an unsubscribe frees a slot
     w.request("unsubscribe", "0", {"key": keys[0]})
-    w.subscribe({"key": "late"}, "late")
-    wait_until(lambda: "late" in arena.leader.history()["subscribed"], what="the late subscription")
-    arena.leader.send("late", {"seq": 2})
-    w.wait_event("late", lambda v: v["seq"] == 2)
+    # longer than the 4 characters of the keys the fuzz tests' raw peers subscribe
+    # to on this shared leader, so that "subscribed" cannot have seen it already
+    w.subscribe({"key": "late-sub"}, "late-sub")
+    wait_until(lambda: "late-sub" in arena.leader.history()["subscribed"], what="the late subscription")
+    arena.leader.send("late-sub", {"seq": 2})
+    w.wait_event("late-sub", lambda v: v["seq"] == 2)
     # the same for a raw peer: the leader answers LIMIT
     with arena.peer() as p:
         answers = [p.request([MsgType.SUBSCRIBE, 0, p.register("b"), "subscribe", {"key": f"raw-{i}"}]) for i in range(limit + 1)]
         assert [a[0] for a in answers] == [MsgType.RESULT] * limit + [MsgType.ERROR]
         assert answers[-1][2] == ErrorCode.LIMIT
-    for k in [*keys[1:], "late"]:
+    for k in [*keys[1:], "late-sub"]:
         w.request("unsubscribe", "0", {"key": k})
     arena.assert_healthy()
 

@@ -70,7 +70,10 @@ class UpstreamServer:
                 reply = {"id": msg["id"], "value": self.store.get(msg["key"])}
             elif op == "watch":
                 self.watchers.setdefault(msg["key"], set()).add(conn)
-                reply = {"event": msg["key"], "value": self.store.get(msg["key"])}
+                # Sent under the lock: a set() right after must not reach this
+                # watcher first, or the stale current value would come last.
+                conn.send({"event": msg["key"], "value": self.store.get(msg["key"])})
+                reply = None
             elif op == "unwatch":
                 self.watchers.get(msg["key"], set()).discard(conn)
                 reply = None
