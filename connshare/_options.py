@@ -155,7 +155,7 @@ class Options:
     #: sequential call here), at the cost of a busy core while it polls, and of the
     #: GIL for the leader's other threads until the poll ends. A poll that ends with
     #: nothing read turns polling off for a while. At most 1 ms. asyncio's loop only
-    #: (not uvloop). ``None`` or ``0``: never poll.
+    #: (under uvloop: a warning, once). ``None`` or ``0``: never poll.
     leader_spin_wait: float | None = attrs.field(default=None, validator=_seconds_up_to(0.001))
 
     def secret_bytes(self) -> bytes | None:

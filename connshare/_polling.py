@@ -20,12 +20,15 @@ selector loop only (uvloop has no selector to wrap).
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import selectors
 import time
 from typing import Any
 
 from ._inplace import Spin
+
+log = logging.getLogger("connshare.polling")
 
 
 class PollingSelector(selectors.DefaultSelector):
@@ -69,11 +72,23 @@ class PollingSelector(selectors.DefaultSelector):
 waits: collections.deque = collections.deque()
 #: the spin waits asked for by the nodes leading now (on connshare's loop thread)
 _held: list[float] = []
+_warned = False
 
 
 def hold(selector: Any, wait: float) -> None:
     """On connshare's loop thread, as a node starts to lead with ``wait``: poll for
-    the longest wait any leading node asked for."""
+    the longest wait any leading node asked for. Under uvloop (no selector to
+    poll) say so, once."""
+    global _warned
+    if not isinstance(selector, PollingSelector):
+        if not _warned:
+            _warned = True
+            log.warning(
+                "leader_spin_wait=%g has no effect: connshare's loop is uvloop here, which has no selector to poll "
+                "(CONNSHARE_LOOP=asyncio runs asyncio's loop instead)",
+                wait,
+            )
+        return
     _held.append(wait)
     _set(selector)
 
@@ -93,8 +108,10 @@ def _set(selector: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _warned
     _held.clear()
     waits.clear()
+    _warned = False
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -704,8 +704,11 @@ def agent_main(conn: Any, specs: list[dict]) -> None:
     try:
         if any(s.get("no_cap_sys_nice") for s in specs):
             drop_cap_sys_nice()  # before connshare's loop thread starts
-        if any(s.get("asyncio_loop") for s in specs):
+        loops = {s["connshare_loop"] for s in specs if "connshare_loop" in s}
+        if "asyncio" in loops:
             os.environ["CONNSHARE_LOOP"] = "asyncio"  # not uvloop, even where installed
+        elif "uvloop" in loops:
+            os.environ.pop("CONNSHARE_LOOP", None)  # uvloop, if installed
         agent = Agent(conn, specs)
     except BaseException as exc:
         conn.send(("fatal", describe(exc)))

@@ -130,6 +130,18 @@ def test_the_leader_runs_its_loop_thread_at_leader_nice(port, upstream, spawn) -
     wait_until(lambda: follower.request("loop_nice") == 0, what="the loop thread back at nice 0")
 
 
+def test_leader_spin_wait_under_uvloop_warns_and_the_leader_serves(port, upstream, spawn) -> None:
+    # uvloop has no selector to poll: the option cannot work there, and a user who
+    # set it should hear so rather than wonder.
+    pytest.importorskip("uvloop")
+    (w,) = spawn([{**kv_spec(port, upstream.port, leader_spin_wait=0.0001), "connshare_loop": "uvloop"}])
+    w.ready()
+    assert w.role()["is_leader"]
+    assert w.call("echo", 3) == 3
+    said = [m for m in w.request("warnings") if "leader_spin_wait=0.0001 has no effect" in m]
+    assert len(said) == 1, w.request("warnings")
+
+
 @linux_only
 def test_a_refused_leader_nice_warns_and_the_leader_serves(port, upstream, spawn) -> None:
     # A worker without CAP_SYS_NICE (a container's default) may not lower its nice

@@ -20,9 +20,10 @@ DELEGATES = ["echo", "aecho", "asize", "asleep", "sleep", "whoami", "emit_then_s
 def _pair(spawn, port: int, upstream_port: int, asyncio_loop: bool = False, **options):
     """A leader and a follower; ``asyncio_loop``: connshare's loop is asyncio's in
     both, even where uvloop is installed."""
+    loop = {"connshare_loop": "asyncio"} if asyncio_loop else {}
     a, b = spawn(
-        [{**kv_spec(port, upstream_port, delegates=DELEGATES, **options), "asyncio_loop": asyncio_loop}],
-        [{**kv_spec(port, upstream_port, delegates=DELEGATES, **options), "asyncio_loop": asyncio_loop}],
+        [{**kv_spec(port, upstream_port, delegates=DELEGATES, **options), **loop}],
+        [{**kv_spec(port, upstream_port, delegates=DELEGATES, **options), **loop}],
     )
     a.ready()
     b.ready()
