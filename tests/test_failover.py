@@ -290,6 +290,13 @@ def test_upstream_trouble_reaches_followers(port, upstream, spawn) -> None:
         assert errs[0]["type"] == "AppError" and "upstream hiccup" in errs[0]["message"]
 
 
+# Forking a process whose connshare loop thread runs is what these tests check
+# (the child starts a loop of its own); Python 3.12+ warns of any fork of a
+# multi-threaded process.
+_fork_of_threads = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
+
+@_fork_of_threads
 def test_fork_before_use(port, upstream) -> None:
     import multiprocessing
 
@@ -327,6 +334,7 @@ def test_fork_before_use(port, upstream) -> None:
     parent.close()
 
 
+@_fork_of_threads
 def test_api_client_readiness_after_fork(port, upstream) -> None:
     import multiprocessing
 
