@@ -258,19 +258,54 @@ def _tp(out: dict[str, Any], prefix: str, res: list[dict[str, Any]]) -> None:
 # =========================================================================== 4. fan-out
 
 
-def fanout(subscribers: int = 4, events: int = 1000, interval_ms: float = 10.0) -> dict[str, Any]:
+def fanout(subscribers: int = 4, events: int = 1000, interval_ms: float = 10.0, leader_nice: int | None = None) -> dict[str, Any]:
     """``subscribers`` processes (the leader among them) subscribed to one key; the
-    leader's DataClient emits ``events`` events ``interval_ms`` apart."""
+    leader's DataClient emits ``events`` events ``interval_ms`` apart. With
+    ``leader_nice`` (not None), the same again with a fresh leader and followers
+    built with that option (``nice_*``), side by side."""
     out: dict[str, Any] = {"subscribers": subscribers, "events": events, "interval_ms": interval_ms}
+    _fanout_once(out, "", subscribers, events, interval_ms, {})
+    if leader_nice is not None:
+        out["nice_leader_nice"] = leader_nice
+        _fanout_once(out, "nice_", subscribers, events, interval_ms, {"leader_nice": leader_nice})
+    return out
+
+
+def _involuntary_switches(pid: int) -> int | None:
+    """Involuntary context switches of every thread of ``pid`` (Linux; else None).
+    psutil's count reads /proc/PID/status, which is the main thread's alone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    total = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return total
+
+
+def _fanout_once(out: dict[str, Any], prefix: str, subscribers: int, events: int, interval_ms: float, options: dict[str, Any]) -> None:
     with UpstreamServer() as up, AgentSet() as s:
-        leader, fs = _leader_and_followers(s, subscribers - 1, up, free_port(), _secret())
+        leader, fs = _leader_and_followers(s, subscribers - 1, up, free_port(), _secret(), options=options)
         every = [leader, *fs]
+        if options.get("leader_nice") is not None:
+            # what the leader's loop thread runs at: the option is refused without CAP_SYS_NICE
+            out[f"{prefix}applied"] = leader.call("loop_nice")
         # prime: a ticker (seq -1) until every subscription is seen to be live
         leader.call("invoke", method="start_ticker", args=[KEY, 20.0, -1])
         gather(every, "subscribe", 60.0, key=KEY, live_timeout=30.0)
         leader.call("invoke", method="stop_ticker")
         time.sleep(0.1)
         gather(every, "fan_start", 30.0)
+        # Involuntary context switches of the leader process over the burst: a
+        # follower woken by the leader's send can preempt it mid-fan-out.
+        switched = _involuntary_switches(leader.pid)
         leader.call("invoke", method="start_burst", args=[KEY, events, interval_ms, 200.0])
         time.sleep(events * interval_ms / 1000.0 + 0.2)
         deadline = time.monotonic() + 30.0 + events * interval_ms / 1000.0
@@ -282,22 +317,26 @@ def fanout(subscribers: int = 4, events: int = 1000, interval_ms: float = 10.0) 
         if burst is None:
             raise TimeoutError("the leader's burst did not finish")
         time.sleep(0.3)  # the last deliveries
+        if switched is not None:
+            after = _involuntary_switches(leader.pid)
+            if after is not None:
+                out[f"{prefix}leader_preempted_per_event"] = round((after - switched) / events, 3)
         reports = gather(every, "fan_report", 60.0, count=events)
     lead, rest = reports[0], reports[1:]
     lat = [x for r in rest for x in _samples(r["samples"])]
-    _put(out, "f", lat)
-    out["p50_us"], out["p99_us"], out["mean_us"] = out.pop("f_p50_us"), out.pop("f_p99_us"), out.pop("f_mean_us")
-    out["max_us"] = round(max(lat) / 1000.0, 3) if lat else math.nan
-    out["lost"] = sum(r["lost"] for r in rest)
-    out["duplicates"] = sum(r["duplicates"] for r in rest)
-    out["n"] = len(lat)
-    _put(out, "leader_local", _samples(lead["samples"]))
-    out["leader_local_lost"] = lead["lost"]
-    out["emit_duration_ms"] = burst["duration_ms"]
-    out["emit_max_late_ms"] = burst["max_late_ms"]
-    _put(out, "leader_push_sync", burst["push_ns"])
-    out["dist"] = _dist(lat)
-    return out
+    _put(out, f"{prefix}f", lat)
+    for q in ("p50", "p99", "mean"):
+        out[f"{prefix}{q}_us"] = out.pop(f"{prefix}f_{q}_us")
+    out[f"{prefix}max_us"] = round(max(lat) / 1000.0, 3) if lat else math.nan
+    out[f"{prefix}lost"] = sum(r["lost"] for r in rest)
+    out[f"{prefix}duplicates"] = sum(r["duplicates"] for r in rest)
+    out[f"{prefix}n"] = len(lat)
+    _put(out, f"{prefix}leader_local", _samples(lead["samples"]))
+    out[f"{prefix}leader_local_lost"] = lead["lost"]
+    out[f"{prefix}emit_duration_ms"] = burst["duration_ms"]
+    out[f"{prefix}emit_max_late_ms"] = burst["max_late_ms"]
+    _put(out, f"{prefix}leader_push_sync", burst["push_ns"])
+    out[f"{prefix}dist"] = _dist(lat)
 
 
 # =========================================================================== 5. failover

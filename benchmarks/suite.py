@@ -40,7 +40,11 @@ CONNSHARE: dict[str, tuple[Callable[..., dict[str, Any]], dict[str, Any], dict[s
         {"per_follower": 50000, "inflight": 100, "threads": 8, "per_thread": 2000},
         {"per_follower": 2000, "inflight": 100, "threads": 8, "per_thread": 100, "warmup": 100},
     ),
-    "connshare_fanout": (connshare_bench.fanout, {"subscribers": 4, "events": 1000}, {"subscribers": 4, "events": 50}),
+    "connshare_fanout": (
+        connshare_bench.fanout,
+        {"subscribers": 4, "events": 1000, "leader_nice": -5},
+        {"subscribers": 4, "events": 50},  # --quick stays under a minute
+    ),
     "connshare_fanout_16": (connshare_bench.fanout, {"subscribers": 16, "events": 1000}, None),
     "connshare_fanout_32": (connshare_bench.fanout, {"subscribers": 32, "events": 1000}, None),
     "connshare_failover": (connshare_bench.failover, {"trials": 20, "graceful_trials": 5}, {"trials": 1, "graceful_trials": 1}),
@@ -326,6 +330,22 @@ ROWS: list[tuple[str, tuple[str, list[str]], Any, Any, str, Any]] = [
         None,
         "<= 150 / 600",
         ("le", [150, 600]),
+    ),
+    (
+        "Fan-out µs p50 / p99, 4 subscribed, leader_nice=-5",
+        ("connshare_fanout", ["nice_p50_us", "nice_p99_us"]),
+        None,
+        None,
+        "",
+        None,
+    ),
+    (
+        "Fan-out: the leader preempted, per event: default / leader_nice=-5",
+        ("connshare_fanout", ["leader_preempted_per_event", "nice_leader_preempted_per_event"]),
+        None,
+        None,
+        "",
+        None,
     ),
     (
         "Fan-out floor µs p50 / p99: 100 bytes to 3 idle processes in turn (no connshare)",
