@@ -854,8 +854,12 @@ class Node:
         self.hosts.clear()
         for host in hosts:
             await host.close()
-        if self._main is not None and self._main is not asyncio.current_task():
-            self._main.cancel()
+        main = self._main
+        if main is not None and main is not asyncio.current_task():
+            main.cancel()
+            # Its finally blocks give back what leading held (the loop's polling, the
+            # process's priority): done before close() returns, not just after.
+            await asyncio.wait({main}, timeout=1.0)
         if self._workers is not None:
             self._workers.shutdown()
 
