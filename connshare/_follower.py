@@ -857,21 +857,35 @@ class FollowerConnection:
         """One recv and the frames it completes (with the read token held). With
         ``rid``, a blocking caller reading its own answer: a read that brings
         that RESULT alone returns it unhandled, for the caller to take."""
+        # A KeyboardInterrupt (or any exception) can land in a reading caller as
+        # its recv returns, before what it read is handled: those frames would be
+        # gone, the connection looking fine (a SUBSCRIBE's answer lost is a
+        # subscription that never hears a value). While that may have happened,
+        # end the connection instead: the node reconnects and resubscribes.
+        unsure = True
         try:
-            n = self.sock.recv_into(self._buf, 0, flags)
-        except (BlockingIOError, InterruptedError):
-            return None  # nothing yet; or a reading caller's time slice passed
-        except OSError as exc:
-            self._finish(LeaderLostError(f"connection to the leader broke: {exc}"))
-            return None
-        if not n:
-            self._finish(LeaderLostError("the leader closed the connection"))
-            return None
-        self.last_rx = time.monotonic()
-        if self.unresponsive:
-            self.unresponsive = False
-            log.info("the leader (pid %s) answers again", self.peer_pid)
-        return self._consume(self._view[:n], rid)
+            try:
+                n = self.sock.recv_into(self._buf, 0, flags)
+            except (BlockingIOError, InterruptedError):
+                unsure = False
+                return None  # nothing yet; or a reading caller's time slice passed
+            except OSError as exc:
+                unsure = False
+                self._finish(LeaderLostError(f"connection to the leader broke: {exc}"))
+                return None
+            if not n:
+                unsure = False
+                self._finish(LeaderLostError("the leader closed the connection"))
+                return None
+            self.last_rx = time.monotonic()
+            if self.unresponsive:
+                self.unresponsive = False
+                log.info("the leader (pid %s) answers again", self.peer_pid)
+            return self._consume(self._view[:n], rid)
+        except BaseException as exc:
+            if unsure:
+                self.abort(LeaderLostError(f"reading was interrupted by {exc!r}"))
+            raise
 
     def _consume(self, data: memoryview | None, rid: int = -1) -> list | None:
         try:
@@ -901,12 +915,7 @@ class FollowerConnection:
         except Exception as exc:
             log.exception("connshare reader failed")
             self._finish(exc)
-        except BaseException as exc:
-            # A KeyboardInterrupt in a caller reading its own answer: frames it
-            # had read may be lost, so end the connection (the node reconnects and
-            # resubscribes, as after a leader's loss) rather than lose them silently.
-            self.abort(LeaderLostError(f"reading was interrupted by {exc!r}"))
-            raise
+        # (a KeyboardInterrupt here ends the connection in _read_once)
         return None
 
     def _drain(self) -> None:

@@ -8,6 +8,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -352,6 +353,16 @@ class Agent:
         ident = self.loopers[name]["thread"].ident
         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
 
+    def op_interrupt_after_next_read(self, cid: str, name: str) -> None:
+        """The next recv on the connection to the leader that brings data, in the
+        thread of call ``name``, raises KeyboardInterrupt as it returns: where Ctrl-C
+        can land in a reading caller before what it read is handled."""
+        conn = self.clients[cid]._node.conn
+        conn.sock = sock = _InterruptAfterRead(conn.sock, name)
+        # a recv that thread had begun (a slice of up to 50 ms) reads past us
+        if not sock.entered.wait(10):
+            raise TimeoutError(f"call {name!r} did not read the socket")
+
     def _reads_here(self, cid: str) -> bool:
         """Whether the running loop holds the follower connection's reader role
         (a test's precondition: the case it means to test did happen)."""
@@ -666,6 +677,30 @@ class Agent:
 
 #: connshare's warnings in this process, for op_warnings
 WARNINGS: list[str] = []
+
+
+class _InterruptAfterRead:
+    """A follower connection's socket whose next recv with data, in one thread,
+    raises KeyboardInterrupt after reading; otherwise the socket itself."""
+
+    def __init__(self, sock: socket.socket, thread_name: str) -> None:
+        self._sock = sock
+        self._thread_name = thread_name
+        self.entered = threading.Event()
+        self.fired = False
+
+    def recv_into(self, *args: Any) -> int:
+        mine = threading.current_thread().name == self._thread_name
+        if mine:
+            self.entered.set()
+        n = self._sock.recv_into(*args)
+        if n and mine and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class _Keep(logging.Handler):

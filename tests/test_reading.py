@@ -96,6 +96,29 @@ def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, 
     assert follower.request("conn_id", "0") == conn_before
 
 
+def test_frames_a_caller_read_as_it_was_interrupted_are_not_lost(port, upstream, spawn) -> None:
+    # Ctrl-C can land in a reading caller as its recv returns with frames, before
+    # they are handled: then the connection ends and the node subscribes again,
+    # so the value that read brought still arrives. (Before, it was dropped and
+    # the connection went on, so a SUBSCRIBE's answer lost this way left a
+    # subscription that heard nothing more.)
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    follower.subscribe({"key": "k"}, "k")
+    follower.wait_event("k", lambda v: v["value"] is None)
+    conn_before = follower.request("conn_id", "0")
+    follower.request("call_in_thread", "0", "sleep", [30.0], "stuck")
+    wait_until(lambda: follower.request("call_running", "stuck"), 10)
+    follower.request("interrupt_after_next_read", "0", "stuck")
+    upstream.set("k", "v1")  # the event the stuck caller reads, then is interrupted
+    status, desc = follower.request("join_call", "stuck", 20)
+    assert status == "raised" and desc["type"] == "KeyboardInterrupt", desc
+    follower.wait_event("k", lambda v: v["value"] == "v1")
+    assert follower.request("conn_id", "0") != conn_before
+    assert follower.call("whoami") == leader.role()["pid"]
+    upstream.set("k", "v2")
+    follower.wait_event("k", lambda v: v["value"] == "v2")
+
+
 def test_a_reading_caller_sees_the_leader_die(port, upstream, spawn) -> None:
     leader, follower = _pair(spawn, port, upstream.port)
     follower.request("call_in_thread", "0", "sleep", [30.0], "inflight")
