@@ -83,6 +83,9 @@ def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, 
     # it between reads, and the connection must stay (no reconnect hides a leak).
     leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
     follower.subscribe({"key": "k"}, "k")
+    # the subscription's answer and first value in, or the caller may read them
+    # as the interrupt lands (the next test's case, which ends the connection)
+    follower.wait_event("k", lambda v: v["value"] is None)
     conn_before = follower.request("conn_id", "0")
     follower.request("call_in_thread", "0", "sleep", [30.0], "stuck")
     wait_until(lambda: follower.request("call_running", "stuck"), 10)
