@@ -295,20 +295,30 @@ class FollowerConnection:
 
     def _send_locked(self, frame: bytes | bytearray, timeout: float | None) -> None:
         taken: Iterable[int] = ()
-        if self._wbuf:
-            self._wbuf += frame
-            frame, self._wbuf = self._wbuf, bytearray()
-            taken, self._wrids = self._wrids, []
         try:
-            n = self.sock.send(frame, _DONTWAIT)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            self._unsent.update(taken)  # not a byte left: none of them can run
-            self.abort(exc)
-            raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
-        if n < len(frame):
-            self._send_slow(memoryview(frame)[n:], timeout)
+            if self._wbuf:
+                self._wbuf += frame
+                frame, self._wbuf = self._wbuf, bytearray()
+                taken, self._wrids = self._wrids, []
+            try:
+                n = self.sock.send(frame, _DONTWAIT)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._unsent.update(taken)  # not a byte left: none of them can run
+                self.abort(exc)
+                raise NotSentError(f"leader (pid {self.peer_pid}) connection broke: {exc}") from exc
+            if n < len(frame):
+                self._send_slow(memoryview(frame)[n:], timeout)
+        except ConnshareError:
+            raise  # the connection is aborted already
+        except BaseException as exc:
+            # A KeyboardInterrupt in a caller mid-send: a frame may be half sent, or
+            # queued ones taken and dropped. The stream cannot go on (the next frame
+            # would complete the half one as garbage), so it ends: what is in
+            # flight fails as after a leader's loss, and the node reconnects.
+            self.abort(LeaderLostError(f"sending was interrupted by {exc!r}"))
+            raise
 
     def _send_in_turn(self, frame: bytes, loop: asyncio.AbstractEventLoop, rid: int) -> None:
         """On ``loop``'s thread, while other requests are in flight: the first frame

@@ -358,10 +358,16 @@ class Agent:
         thread of call ``name``, raises KeyboardInterrupt as it returns: where Ctrl-C
         can land in a reading caller before what it read is handled."""
         conn = self.clients[cid]._node.conn
-        conn.sock = sock = _InterruptAfterRead(conn.sock, name)
+        conn.sock = sock = _Interrupting(conn.sock, name)
         # a recv that thread had begun (a slice of up to 50 ms) reads past us
         if not sock.entered.wait(10):
             raise TimeoutError(f"call {name!r} did not read the socket")
+
+    def op_interrupt_mid_send(self, cid: str, name: str) -> None:
+        """The next send to the leader from the thread of call ``name`` sends half
+        its bytes and raises KeyboardInterrupt: Ctrl-C landing in a partial send."""
+        conn = self.clients[cid]._node.conn
+        conn.sock = _Interrupting(conn.sock, name)
 
     def _reads_here(self, cid: str) -> bool:
         """Whether the running loop holds the follower connection's reader role
@@ -679,9 +685,10 @@ class Agent:
 WARNINGS: list[str] = []
 
 
-class _InterruptAfterRead:
-    """A follower connection's socket whose next recv with data, in one thread,
-    raises KeyboardInterrupt after reading; otherwise the socket itself."""
+class _Interrupting:
+    """A follower connection's socket where, in one thread, the next recv with data
+    raises KeyboardInterrupt after reading, and the next send sends half its bytes
+    and raises it; otherwise the socket itself."""
 
     def __init__(self, sock: socket.socket, thread_name: str) -> None:
         self._sock = sock
@@ -698,6 +705,13 @@ class _InterruptAfterRead:
             self.fired = True
             raise KeyboardInterrupt
         return n
+
+    def send(self, data: Any, *args: Any) -> int:
+        if threading.current_thread().name == self._thread_name and not self.fired:
+            self.fired = True
+            self._sock.send(memoryview(data)[: len(data) // 2], *args)
+            raise KeyboardInterrupt
+        return self._sock.send(data, *args)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._sock, name)

@@ -122,6 +122,21 @@ def test_frames_a_caller_read_as_it_was_interrupted_are_not_lost(port, upstream,
     follower.wait_event("k", lambda v: v["value"] == "v2")
 
 
+def test_a_caller_interrupted_mid_send_leaves_no_half_frame(port, upstream, spawn) -> None:
+    # Ctrl-C in a caller's send with half its frame out: the next frame would
+    # complete the half one as garbage. The connection ends instead, and the next
+    # call goes over a new one.
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    conn_before = follower.request("conn_id", "0")
+    follower.request("interrupt_mid_send", "0", "cut")
+    follower.request("call_in_thread", "0", "echo", ["x" * 1000], "cut")
+    status, desc = follower.request("join_call", "cut", 20)
+    assert status == "raised" and desc["type"] == "KeyboardInterrupt", desc
+    assert follower.call("echo", "y" * 1000) == "y" * 1000
+    assert follower.request("conn_id", "0") != conn_before
+    assert leader.request("warnings") == [], "the leader read a broken frame"
+
+
 def test_a_reading_caller_sees_the_leader_die(port, upstream, spawn) -> None:
     leader, follower = _pair(spawn, port, upstream.port)
     follower.request("call_in_thread", "0", "sleep", [30.0], "inflight")
