@@ -457,6 +457,24 @@ class Agent:
         spin = self.clients[cid]._node.conn._spin
         return None if spin is None else {"backoff": spin.backoff, "skip": spin.skip}
 
+    def op_calls_until_a_poll_answers(self, cid: str, awaited: bool, n: int) -> bool:
+        """Up to ``n`` quick calls, until one leaves the ``spin_wait`` policy reset
+        (its answer read while polling): whether one did. In here, not one request
+        per call: on a loaded host polls may miss for a thousand calls in a row."""
+        c = self.clients[cid]
+        spin = c._node.conn._spin
+        loop = asyncio.new_event_loop() if awaited else None
+        try:
+            for _ in range(n):
+                got = loop.run_until_complete(c.aecho("q")) if loop is not None else c.echo("q")
+                assert got == "q", got
+                if spin.backoff == 1 and spin.skip == 0:
+                    return True
+            return False
+        finally:
+            if loop is not None:
+                loop.close()
+
     def op_leader_spin_state(self) -> dict | None:
         """The ``leader_spin_wait`` policy of connshare's loop here (None: no poll)."""
         from connshare._loop import loop_selector
