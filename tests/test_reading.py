@@ -416,7 +416,8 @@ def test_the_leader_does_not_poll_while_a_thread_waits_on_its_loop(port, upstrea
         caller = leader
         leader.request("call_in_thread", "0", "invoke", ["asleep", 1.0], "slow")  # a blocking call
         wait_until(lambda: leader.request("threads_waiting_on_loop") == 1, timeout=10, what="the call waiting on the leader's loop")
-    before = leader.request("leader_spin_state")
+    # after a pass of the loop: a poll begun before the thread waited has ended
+    before = leader.request("tick_loop", 0.002, 0.0)["spin"]
     ticked = leader.request("tick_loop", 0.002, 0.3)
     assert caller.request("call_running", "slow")
     assert ticked["spin"] == before, "the loop polled while a thread waited on it"
