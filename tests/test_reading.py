@@ -78,19 +78,27 @@ def test_blocking_threads_and_awaitable_calls_share_one_connection(port, upstrea
     follower.wait_event("k", lambda v: v["value"] == "after")
 
 
-def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, upstream, spawn) -> None:
-    # No heartbeats: nothing arrives while the caller waits, so the interrupt hits
-    # it between reads, and the connection must stay (no reconnect hides a leak).
-    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+def _a_caller_reading(spawn, port: int, upstream_port: int):
+    """A leader, and a follower subscribed to "k" whose call ``stuck`` (30 s) reads
+    the socket, nothing else in flight; and the follower's connection's id."""
+    # No heartbeats: nothing arrives while the caller waits.
+    leader, follower = _pair(spawn, port, upstream_port, heartbeat_interval=None)
     follower.subscribe({"key": "k"}, "k")
     # the subscription's answer and first value in, or the caller may read them
-    # as the interrupt lands (the next test's case, which ends the connection)
+    # as an interrupt lands (which ends the connection)
     follower.wait_event("k", lambda v: v["value"] is None)
-    conn_before = follower.request("conn_id", "0")
+    conn = follower.request("conn_id", "0")
     follower.request("call_in_thread", "0", "sleep", [30.0], "stuck")
-    # its frame sent (the leader runs it): the interrupt lands while it reads, not
+    # its frame sent (the leader runs it): an interrupt lands while it reads, not
     # as it sends, which ends the connection (see the mid-send test)
     wait_until(lambda: leader.request("inflight", "0") == 1, 10, what="the call running on the leader")
+    return leader, follower, conn
+
+
+def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, upstream, spawn) -> None:
+    # The interrupt hits the caller between reads: the connection must stay (no
+    # reconnect hides a leak).
+    leader, follower, conn_before = _a_caller_reading(spawn, port, upstream.port)
     follower.request("interrupt_call", "stuck")
     status, desc = follower.request("join_call", "stuck", 20)
     assert status == "raised" and desc["type"] == "KeyboardInterrupt"
@@ -107,12 +115,7 @@ def test_frames_a_caller_read_as_it_was_interrupted_are_not_lost(port, upstream,
     # so the value that read brought still arrives. (Before, it was dropped and
     # the connection went on, so a SUBSCRIBE's answer lost this way left a
     # subscription that heard nothing more.)
-    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
-    follower.subscribe({"key": "k"}, "k")
-    follower.wait_event("k", lambda v: v["value"] is None)
-    conn_before = follower.request("conn_id", "0")
-    follower.request("call_in_thread", "0", "sleep", [30.0], "stuck")
-    wait_until(lambda: leader.request("inflight", "0") == 1, 10, what="the call running on the leader")
+    leader, follower, conn_before = _a_caller_reading(spawn, port, upstream.port)
     follower.request("interrupt_after_next_read", "0", "stuck")
     upstream.set("k", "v1")  # the event the stuck caller reads, then is interrupted
     status, desc = follower.request("join_call", "stuck", 20)
