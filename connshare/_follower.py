@@ -925,7 +925,7 @@ class FollowerConnection:
         except Exception as exc:
             log.exception("connshare reader failed")
             self._finish(exc)
-        # (a KeyboardInterrupt here ends the connection in _read_once)
+        # (an interrupt of a reading caller here ends the connection: _read_once)
         return None
 
     def _drain(self) -> None:

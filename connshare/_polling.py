@@ -14,8 +14,8 @@ the leader's own process that wants it waits, at worst, until the poll ends. The
 loop does not poll while a thread waits on it, and a poll under way ends when one
 begins to: a worker running a blocking method (the blocking echo was 14 µs
 slower, measured), or a caller in this process waiting for a coroutine method the
-loop runs (4 to 6 µs slower). asyncio's
-selector loop only (uvloop has no selector to wrap).
+loop runs (4 to 6 µs slower). asyncio's selector loop only (uvloop has no
+selector to wrap).
 """
 
 from __future__ import annotations
