@@ -453,6 +453,9 @@ class FollowerConnection:
                     if self.draining and not self.pending:
                         self.close()
                     return mine[2]
+        except BaseException:
+            self.pending.pop(rid, None)  # interrupted: nobody takes its answer now
+            raise
         finally:
             try:
                 ep.modify(self._fd, _EPOLLIN)  # data that came meanwhile wakes the home loop
@@ -494,7 +497,12 @@ class FollowerConnection:
     def _outcome(self, rid: int, p: Pending, deadline: float, timeout: float) -> Any:
         """Wait (until ``deadline``) for whoever reads to settle ``p``."""
         lock: Any = p.lock
-        if lock.locked() and not lock.acquire(True, max(deadline - time.monotonic(), 0.0)):
+        try:
+            got = not lock.locked() or lock.acquire(True, max(deadline - time.monotonic(), 0.0))
+        except BaseException:
+            self.pending.pop(rid, None)  # interrupted: nobody takes its answer now
+            raise
+        if not got:
             if self.pending.pop(rid, None) is not None:
                 raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout} s")
             # answered meanwhile; the lock is (being) released

@@ -330,6 +330,10 @@ class Agent:
         conn = self.clients[cid]._node.conn
         return None if conn is None else id(conn)
 
+    def op_pending(self, cid: str) -> int:
+        """Requests the client's connection to the leader waits for answers to."""
+        return len(self.clients[cid]._node.conn.pending)
+
     def op_inflight(self, cid: str) -> int:
         """How many calls the client's node runs for others (as leader) now."""
         return self.clients[cid]._node.inflight

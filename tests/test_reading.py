@@ -102,11 +102,28 @@ def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, 
     follower.request("interrupt_call", "stuck")
     status, desc = follower.request("join_call", "stuck", 20)
     assert status == "raised" and desc["type"] == "KeyboardInterrupt"
+    assert follower.request("pending", "0") == 0, "the interrupted call is still awaited"
     # whoever reads next has the socket: calls and events still work
     assert follower.call("whoami") == leader.role()["pid"]
     upstream.set("k", "v")
     follower.wait_event("k", lambda v: v["value"] == "v")
     assert follower.request("conn_id", "0") == conn_before
+
+
+def test_a_caller_interrupted_while_another_reads_is_no_longer_awaited(port, upstream, spawn) -> None:
+    # A caller that waits while another thread reads for it: interrupted, its
+    # request is forgotten, and does not count as in flight until its answer.
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None, response_timeout=3.0)
+    follower.request("call_in_thread", "0", "sleep", [30.0], "reader")
+    wait_until(lambda: leader.request("inflight", "0") == 1, 10, what="the first call running on the leader")
+    follower.request("call_in_thread", "0", "sleep", [30.0], "waiter")
+    wait_until(lambda: leader.request("inflight", "0") == 2, 10, what="the second call running on the leader")
+    follower.request("interrupt_call", "waiter")
+    status, desc = follower.request("join_call", "waiter", 20)
+    assert status == "raised" and desc["type"] == "KeyboardInterrupt", desc
+    status, desc = follower.request("join_call", "reader", 20)
+    assert status == "raised" and desc["type"] == "CallTimeoutError", desc
+    assert follower.request("pending", "0") == 0, "the interrupted call is still awaited"
 
 
 def test_frames_a_caller_read_as_it_was_interrupted_are_not_lost(port, upstream, spawn) -> None:
