@@ -75,6 +75,10 @@ MAX_RESENDS = 3
 #: backing off to 20 ms while that loop is held up (a slow listener)
 _STALE_POLL_S = (0.0005, 0.02)
 
+#: how long past its deadline a caller waits for the election's verdict when that
+#: verdict is due about as its own wait ends (an attempt and a back-off: < 0.1 s)
+_VERDICT_GRACE_S = 0.25
+
 #: Failures of the connection, not answers of the leader: a subscription that met
 #: one is kept, and sent again to the next connection or leader.
 _CONNECTION_TROUBLE = (LeaderLostError, LeaderUnresponsiveError, CallTimeoutError, ClientClosedError, ProtocolError)
@@ -134,6 +138,7 @@ class Node:
         self.leaving = False
         self.closing = False
         self.fatal: BaseException | None = None
+        self._elect_until = 0.0  # when the running election gives up (monotonic)
         self.clients: weakref.WeakSet = weakref.WeakSet()
         self._key_ids = itertools.count(1)
         self._host_ids = itertools.count(1)
@@ -253,6 +258,7 @@ class Node:
         opts = self.options
         loop = self.loop
         deadline = loop.time() + opts.max_wait_time
+        self._elect_until = time.monotonic() + opts.max_wait_time  # for callers (any thread)
         delay = 0.0005
         self.role = Role.ELECTING
         hung_up_since: float | None = None
@@ -579,7 +585,12 @@ class Node:
             raise state.fatal
         if self.closing and self.role is Role.CLOSED:
             raise ClientClosedError("the client is closed")
-        left = until - time.monotonic()
+        now = time.monotonic()
+        left = until - now
+        if left <= 0 and self.role is Role.ELECTING and self._elect_until - until < _VERDICT_GRACE_S:
+            # The election gives its verdict (a leader, or why there is none) as
+            # this wait ends: that is the truer answer than a timeout.
+            left = self._elect_until + _VERDICT_GRACE_S - now
         if left <= 0:
             raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
         # After a stale route, wait in slices. While it is still current its Avail is

@@ -354,6 +354,23 @@ def test_forced_follower_without_leader_raises(port) -> None:
         c.close()
 
 
+@pytest.mark.parametrize("awaited", [False, True])
+def test_a_call_made_as_a_forced_follower_finds_no_leader_raises_leader_not_found(port, awaited) -> None:
+    # The call's wait for a route ends with the election's own deadline: it must
+    # get the election's verdict, not a CallTimeoutError that hides why.
+    c = cluster(KVClient, port=port, is_leader=False, max_wait_time=0.5).delegate("echo").create(0)
+    try:
+        with pytest.raises(LeaderNotFoundError):
+            if awaited:
+                asyncio.run(c.ainvoke("echo", 1))
+            else:
+                c.echo(1)
+        with pytest.raises(LeaderNotFoundError):  # and every call after it
+            c.echo(2)
+    finally:
+        c.close()
+
+
 def test_blocking_and_asyncio_callers(port, upstream, spawn) -> None:
     leader, follower = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
     leader.ready()
