@@ -96,7 +96,7 @@ class ClusterClient(Base):
 
     def _after_fork(self) -> None:
         """In a forked child: forget the parent's node; keep subscriptions and
-        publications, and join the election on first use."""
+        publications, and join the election at once."""
         old = self._state
         self._node = None
         self._state = None

@@ -53,7 +53,7 @@ def _port(_inst: Any, a: attrs.Attribute, v: Any) -> None:
 
 
 def _name(_inst: Any, a: attrs.Attribute, v: Any) -> None:
-    _check(v is None or (isinstance(v, str) and 0 < len(v) <= 200), a.name, "a non-empty str", v)
+    _check(v is None or (isinstance(v, str) and 0 < len(v) <= 200), a.name, "a non-empty str of at most 200 characters", v)
 
 
 def _opt_bool(_inst: Any, a: attrs.Attribute, v: Any) -> None:

@@ -14,7 +14,7 @@ Redis connections. Then:
   creates the worker's client, which follows the parent.
 * ``fork``: the workers inherit the parent's client object (a module global set
   before the pool exists). connshare notices the fork: in each child the client joins
-  the cluster again on first use, as a follower, with the parent's watches.
+  the cluster again at once, as a follower, with the parent's watches.
 
 Every task reports its pid, role and the value it holds; the parent changes the value
 and every worker sees the change. The last lines print one JSON summary (the
