@@ -129,6 +129,7 @@ class Base:
 
     @property
     def is_ready(self) -> bool:
+        """True once ``ready(True)`` was called (False before, or after a failure)."""
         return self._ready_state is True
 
     def _reset_ready(self) -> None:
@@ -170,6 +171,7 @@ class Base:
         return listener
 
     def off(self, event: str, listener: Callable[..., Any] | None = None) -> None:
+        """Remove ``listener`` from ``event`` (every listener of it, if None)."""
         if listener is None:
             self._listeners.pop(event, None)
         else:
@@ -201,6 +203,7 @@ class Base:
 
     @property
     def closed(self) -> bool:
+        """True once ``close()`` (or ``aclose()``) was called."""
         return bool(getattr(self, "_closed", False))
 
     def close(self) -> Awaitable[None] | None:

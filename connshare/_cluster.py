@@ -131,6 +131,7 @@ class ClusterClient(Base):
 
     @property
     def leader_pid(self) -> int | None:
+        """The pid of the leading process, as last seen here (None before any is found)."""
         node = self._node
         return node.leader_pid if node is not None else None
 
@@ -381,22 +382,27 @@ class APIClientBase(Base):
 
     @property
     def is_leader(self) -> bool:
+        """Whether this process holds the real data client (see ``ClusterClient``)."""
         return self._client.is_leader
 
     # Readiness is the cluster client's: after a fork the child's client elects
     # anew, and a copy of the parent's flag would say "ready" too soon.
     @property
     def is_ready(self) -> bool:
+        """Whether the shared data client is ready in this process."""
         return self._client.is_ready
 
     def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the shared data client is ready; raise why it is not, or TimeoutError."""
         self._client.wait_ready(timeout)
 
     async def _await_ready(self) -> None:
         await self._client.ready()
 
     def close(self) -> None:
+        """Close this process's cluster client (idempotent)."""
         self._client.close()
 
     async def aclose(self) -> None:
+        """Close this process's cluster client, awaiting the end (idempotent)."""
         await self._client.aclose()

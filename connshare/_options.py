@@ -159,5 +159,6 @@ class Options:
     leader_spin_wait: float | None = attrs.field(default=None, validator=_seconds_up_to(0.001))
 
     def secret_bytes(self) -> bytes | None:
+        """``secret`` as bytes (a str is UTF-8 encoded); None when not set."""
         s = self.secret
         return s.encode() if isinstance(s, str) else s
