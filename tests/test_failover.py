@@ -178,14 +178,16 @@ def test_idempotent_calls_are_sent_again_once(port, upstream, spawn) -> None:
         if caller is leader:
             caller = next(w for w in ws if w is not leader)
         cid = next(caller._ids)
-        caller.conn.send((cid, "call", ("0", method, [0.5])))
-        time.sleep(0.2)  # the call is in flight on the leader (it sleeps 0.5 s)
+        # long enough to be killed while it runs, even on a loaded host; it then
+        # runs once more, whole, on the next leader
+        caller.conn.send((cid, "call", ("0", method, [1.5])))
+        wait_until(lambda ld=leader: ld.request("inflight", "0") == 1, 10, what="the call running on the leader")
         leader.kill()
         ws.remove(leader)
         with caller.cond:
             assert caller.cond.wait_for(lambda cid=cid, c=caller: cid in c._replies, 15)
             ok, value = caller._replies.pop(cid)
-        assert ok and value == 0.5, value
+        assert ok and value == 1.5, value
         (newcomer,) = spawn([kv_spec(port, upstream.port, delegates=delegates, **FAST)])
         newcomer.ready()
         ws.append(newcomer)
@@ -194,8 +196,8 @@ def test_idempotent_calls_are_sent_again_once(port, upstream, spawn) -> None:
 def test_non_idempotent_call_in_flight_raises_leader_lost(port, upstream, spawn) -> None:
     leader, caller = _pair(port, upstream, spawn)
     cid = next(caller._ids)
-    caller.conn.send((cid, "call", ("0", "sleep", [1.0])))
-    time.sleep(0.2)
+    caller.conn.send((cid, "call", ("0", "sleep", [30.0])))
+    wait_until(lambda: leader.request("inflight", "0") == 1, 10, what="the call running on the leader")
     leader.kill()
     with caller.cond:
         assert caller.cond.wait_for(lambda: cid in caller._replies, 15)
