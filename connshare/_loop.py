@@ -107,6 +107,20 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         raise
 
 
+def stop_loop(timeout: float) -> None:
+    """Stop connshare's loop and wait up to ``timeout`` for its thread to end (at
+    interpreter exit: connshare's clients are closed by then)."""
+    with _lock:
+        loop, thread = _loop, _thread
+    if loop is None or thread is None or thread.ident == get_ident():
+        return
+    try:
+        loop.call_soon_threadsafe(loop.stop)
+    except RuntimeError:
+        return  # closed already
+    thread.join(timeout)
+
+
 def _after_fork_in_child() -> None:
     global _loop, _thread, _ident, _lock, _selector
     # The loop's thread does not exist in the child; its selector and self-pipe are

@@ -9,6 +9,7 @@ per-channel ``route`` and touch nothing else.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import enum
 import functools
@@ -39,7 +40,7 @@ from ._errors import (
 from ._follower import FollowerConnection
 from ._host import ChannelHost
 from ._leader import PeerProtocol
-from ._loop import forbid_loop_thread, get_loop, loop_selector, on_loop_thread
+from ._loop import forbid_loop_thread, get_loop, loop_selector, on_loop_thread, stop_loop
 from ._options import Options
 from ._polling import waits
 from ._protocol import (
@@ -190,6 +191,10 @@ class Node:
             if any(st.clients for st in self.channels.values()) or self.closing:
                 return None
             self.closing = True
+        return self._close_now()
+
+    def _close_now(self) -> concurrent.futures.Future:
+        """Close the node (``closing`` is set); a future done once it has."""
         asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop)
         return self._closed_cf
 
@@ -925,3 +930,33 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: how long interpreter exit waits for the nodes an app left open to close
+_EXIT_GRACE_S = 5.0
+
+
+def _close_at_exit() -> None:
+    """At interpreter exit: close the nodes the app left open, as its close() would
+    (a leader hands off), then stop connshare's loop. A loop thread left running
+    into the interpreter's finalization crashes the process under uvloop."""
+    with _nodes_lock:
+        nodes = list(_nodes.values())
+        fresh = [n for n in nodes if not n.closing]
+        for n in fresh:
+            n.closing = True
+    done = [n._closed_cf for n in nodes]
+    for n in fresh:
+        try:
+            n._close_now()
+        except RuntimeError:  # its loop is closed already: nothing runs there
+            n._closed_cf.cancel()
+    if not concurrent.futures.wait(done, _EXIT_GRACE_S).not_done:
+        log.debug("connshare closed at exit")
+    else:
+        log.warning("connshare: closing at exit took over %s s; exiting anyway", _EXIT_GRACE_S)
+    stop_loop(1.0)
+
+
+# Registered at import: atexit runs handlers last in, first out, so an app's own
+# close() registered after it runs first, and finds nothing left to do here.
+atexit.register(_close_at_exit)

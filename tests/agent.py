@@ -73,6 +73,11 @@ class Agent:
             except (EOFError, OSError):
                 os._exit(0)
             cmd_id, op, args = msg
+            if op == "leave":
+                # End as a program does: main returns, the interpreter exits and
+                # runs its atexit hooks; no client is closed by the app.
+                self.send(("reply", cmd_id, True, None))
+                return
             threading.Thread(target=self.serve, args=(cmd_id, op, args), daemon=True).start()
 
     def serve(self, cmd_id: int, op: str, args: tuple) -> None:

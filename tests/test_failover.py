@@ -118,6 +118,37 @@ def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
     assert upstream.wait_for(lambda s: s.live_connections == 1, 10)
 
 
+def test_a_leader_that_exits_without_close_hands_off_and_exits_cleanly(port, upstream, spawn) -> None:
+    # A program that never calls close(): connshare's exit hook closes for it, so
+    # the followers see a handoff, not a crash, and the process exits with 0 (a
+    # loop thread left running into the interpreter's end crashed it under uvloop).
+    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+        w.subscribe({"key": "x"}, "x")
+    leader = _leader(ws)
+    callers = [w for w in ws if w is not leader]
+    for c in callers:
+        c.request("start_calls", "0", "echo", ["x" * 100])
+    wait_until(lambda: all(c.request("calls_so_far")["ok"] > 50 for c in callers), what="calls flowing")
+    leader.request("leave")
+    leader.proc.join(20)
+    assert leader.proc.exitcode == 0
+    before = [c.request("calls_so_far")["ok"] for c in callers]
+    wait_until(
+        lambda: all(c.request("calls_so_far")["ok"] > b + 50 for c, b in zip(callers, before, strict=True)),
+        what="calls after the handoff",
+    )
+    for c in callers:
+        stats = c.request("stop_calls")
+        assert stats["errors"] == {}, stats
+    _everyone_gets(callers, upstream, ("x",), "after-exit")
+    for c in callers:  # and the followers leave as cleanly
+        c.request("leave")
+        c.proc.join(20)
+        assert c.proc.exitcode == 0
+
+
 @pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
 def test_a_goodbye_handled_as_a_request_leaves_does_not_fail_it(port, upstream, spawn, awaited: bool) -> None:
     # A caller that reads its own answer makes its request's record after the
