@@ -93,15 +93,18 @@ class RegistryClient(Base):
             self._file.flush()
 
     def _read(self) -> None:
-        for line in self._file:
-            msg = json.loads(line)
-            if "id" in msg:
-                with self._cond:
-                    self._replies[msg["id"]] = msg
-                    self._cond.notify_all()
-            else:
-                for fn in self._listeners.get(msg["service"], []):
-                    fn(msg["addrs"])
+        try:
+            for line in self._file:
+                msg = json.loads(line)
+                if "id" in msg:
+                    with self._cond:
+                        self._replies[msg["id"]] = msg
+                        self._cond.notify_all()
+                else:
+                    for fn in self._listeners.get(msg["service"], []):
+                        fn(msg["addrs"])
+        except (OSError, ValueError):
+            pass  # closed: by close(), or by the registry as the demo ends
 
     def subscribe(self, reg: dict, listener: Any) -> None:
         self._listeners.setdefault(reg["service"], []).append(listener)

@@ -16,3 +16,6 @@ def test_quickstart_runs_and_shows_one_upstream_connection() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("LEADER") == 1
     assert "the upstream saw 1 connection(s) from 4 workers" in out.stdout
+    # The first thing a user runs: its workers leave together, so leaders hand off
+    # to followers on their way out too, and none of that may print a traceback.
+    assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
