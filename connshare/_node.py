@@ -253,7 +253,10 @@ class Node:
         except asyncio.CancelledError:
             pass
         except Exception as exc:
-            log.error("connshare on port %s cannot serve: %r", self.port, exc)
+            if self.closing:  # close() during the election: nothing went wrong
+                log.debug("connshare on port %s closed while starting: %r", self.port, exc)
+            else:
+                log.error("connshare on port %s cannot serve: %r", self.port, exc)
             self.fatal = exc
             for st in list(self.channels.values()):
                 self._channel_failed(st, exc)
