@@ -521,7 +521,9 @@ class PeerProtocol:
                 try:
                     frame = self.codec.pack([T_RESULT, rid, value])
                 except (EncodeError, FrameTooLargeError) as e:
-                    exc = e
+                    # Said plainly: unlike an argument that cannot be sent, this
+                    # call ran, so sending it again runs it again.
+                    exc = type(e)(f"the call ran on the leader, but its result cannot be sent back: {e}")
                 else:
                     self.write(frame, on_loop)
             if exc is not None:

@@ -547,6 +547,7 @@ def test_results_that_cannot_be_sent_fail_fast_in_the_caller(arena: Arena) -> No
     t0 = time.monotonic()
     err = _agent_error(lambda: arena.good.call("big", MAX_FRAME + 1))
     assert err.type == "FrameTooLargeError" and "max_frame_size" in err.desc["message"]
+    assert "the call ran on the leader" in err.desc["message"]  # so the caller knows not to retry blindly
     assert time.monotonic() - t0 < 3
     # nested deeper than msgpack allows: EncodeError back, not silence
     with arena.peer() as p:
@@ -556,6 +557,7 @@ def test_results_that_cannot_be_sent_fail_fast_in_the_caller(arena: Arena) -> No
             deep = [deep]
         answer = p.request([MsgType.INVOKE, 0, ch, "echo", [deep], {}, 0, None])
         assert answer[0] == MsgType.ERROR and "EncodeError" in answer[3], answer[:5]
+        assert "the call ran on the leader" in answer[4], answer[:5]
     arena.assert_healthy()
 
 
