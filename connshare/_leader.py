@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import threading
 import time
@@ -377,7 +378,7 @@ class PeerProtocol:
             except LimitExceededError as exc:
                 self._error(wire[1], exc)
                 return
-            task = self.node.spawn(self._register(wire[1], wire[2]))
+            task = self.node.spawn(self._register(wire[1], wire[2], wire[3]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
@@ -402,10 +403,19 @@ class PeerProtocol:
         else:
             self.inflight_loop += 1
 
-    async def _register(self, rid: int, name: str) -> None:
+    async def _register(self, rid: int, name: str, cls: str) -> None:
         # A name nobody hosts waits max_wait_time: it counts as a request in flight.
         try:
             host = await self.node.host_for(name)
+            ours = host.state.cls.__qualname__
+            if cls != ours:
+                # Another app's client under the same name on this port: serving it
+                # would hand it our real client.
+                log.warning("leader: pid %s asked for channel %r as a %s; it is a %s here", self.pid, name, cls, ours)
+                raise ChannelNotFoundError(
+                    f"channel {name!r} of the leader (pid {os.getpid()}) on port {self.options.port} is a {ours}, "
+                    f"not a {cls}: another app uses this port and name; give each app its own port (port= or CONNSHARE_PORT)"
+                )
         except Exception as exc:
             self._error(rid, exc)
             return

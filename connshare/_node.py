@@ -28,6 +28,7 @@ from ._errors import (
     CallTimeoutError,
     ChannelNotFoundError,
     ClientClosedError,
+    ConfigurationError,
     ElectionError,
     LeaderLostError,
     LeaderNotFoundError,
@@ -165,8 +166,13 @@ class Node:
         with _nodes_lock:
             if self.closing:
                 raise ClientClosedError("this process's connshare node is closing")
-            self.clients.add(client)
             existing = self.channels.get(state.name)
+            if existing is not None and existing.cls is not state.cls:
+                raise ConfigurationError(
+                    f"name: channel {state.name!r} on port {self.port} is a {existing.cls.__qualname__} in this process; "
+                    f"a {state.cls.__qualname__} needs a name of its own"
+                )
+            self.clients.add(client)
             if existing is None:
                 state.clients.append(client)
                 self.channels[state.name] = state
@@ -478,7 +484,7 @@ class Node:
     async def _register(self, conn: FollowerConnection, state: ChannelState) -> None:
         rid = 0
         try:
-            rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name], self.loop, internal=True)
+            rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name, state.cls.__qualname__], self.loop, internal=True)
             try:
                 # Our own max_wait_time bounds this, whatever the leader's is.
                 wire_id = await asyncio.wait_for(fut, state.options.max_wait_time)

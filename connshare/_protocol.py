@@ -44,8 +44,9 @@ from ._errors import (
 )
 
 MAGIC = "connshare"
-#: 2: messages of an open connection carry no length prefix
-PROTOCOL_VERSION = 2
+#: 2: messages of an open connection carry no length prefix; 3: REGISTER names
+#: the follower's data class
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct(">I")
 NONCE_SIZE = 16
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -168,11 +169,13 @@ class Welcome(Message):
     pass
 
 
-@_message(MsgType.REGISTER, _INT, _STR)
+@_message(MsgType.REGISTER, _INT, _STR, _STR)
 @attrs.frozen
 class Register(Message):
     rid: int
     name: str
+    #: the follower's data class (``__qualname__``): the leader's must be the same
+    cls: str
 
 
 @_message(MsgType.SUBSCRIBE, _INT, _INT, _STR, _ANY)

@@ -187,8 +187,10 @@ class RawPeer:
         msg, _ = self.recv_until(lambda m: m[0] in (MsgType.RESULT, MsgType.ERROR) and m[1] == rid, timeout)
         return msg
 
-    def register(self, name: str) -> int:
-        msg = self.request([MsgType.REGISTER, 0, name])
+    def register(self, name: str, cls: str = "BlastClient") -> int:
+        """REGISTER channel ``name`` as a ``cls`` (the hostile tests' leader hosts
+        a BlastClient as "b") and return its id."""
+        msg = self.request([MsgType.REGISTER, 0, name, cls])
         assert msg[0] == MsgType.RESULT, msg
         return msg[2]
 

@@ -12,11 +12,12 @@ from connshare import (
     CallTimeoutError,
     ChannelNotFoundError,
     ConcurrencyError,
+    ConfigurationError,
     LeaderNotFoundError,
     RemoteError,
     cluster,
 )
-from tests.clients import AppError, KVClient
+from tests.clients import AppError, CounterClient, KVClient
 from tests.conftest import kv_spec
 from tests.harness import AgentError, wait_until
 
@@ -342,6 +343,39 @@ def test_unhosted_channel_fails_after_max_wait_time(port, upstream, spawn) -> No
     with pytest.raises(AgentError) as info:
         follower.call("incr")
     assert info.value.isa("ChannelNotFoundError")
+
+
+def test_another_apps_client_under_the_same_name_is_refused_at_once(port, upstream, spawn) -> None:
+    # Two apps on one port, each with a client called "kv": the second must not be
+    # handed the first one's real client, and need not wait max_wait_time to hear so.
+    a, b = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    a.ready()
+    b.ready()
+    leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
+    other = {"id": "0", "cls": "CounterClient", "options": {"port": port, "name": "kv"}, "delegates": ["incr"]}
+    (stranger,) = spawn([other])
+    t0 = time.monotonic()
+    with pytest.raises(AgentError) as info:
+        stranger.ready(timeout=10)
+    assert info.value.type == "NotReadyError" and info.value.desc["cause"] == "ChannelNotFoundError", info.value.desc
+    assert time.monotonic() - t0 < 5  # not max_wait_time (30 s)
+    with pytest.raises(AgentError) as info:
+        stranger.call("incr")
+    assert info.value.isa("ChannelNotFoundError")
+    assert "is a KVClient, not a CounterClient" in info.value.desc["message"]
+    # the leader goes on serving its own app
+    assert follower.call("echo", "still") == "still"
+    assert any("as a CounterClient" in w for w in leader.request("warnings"))
+
+
+def test_two_classes_under_one_name_in_one_process_are_refused(port, upstream) -> None:
+    first = cluster(KVClient, port=port, name="kv", single_mode=True).delegate("echo").create(upstream.port)
+    try:
+        with pytest.raises(ConfigurationError, match="is a KVClient in this process; a CounterClient needs a name of its own"):
+            cluster(CounterClient, port=port, name="kv", single_mode=True).create()
+        assert first.echo(1) == 1
+    finally:
+        first.close()
 
 
 def test_forced_follower_without_leader_raises(port) -> None:

@@ -92,7 +92,7 @@ def requests(ch: int, first_rid: int) -> st.SearchStrategy[list]:
         st.builds(lambda r: [MsgType.PING, r], rid),
         st.builds(lambda r, k: [MsgType.SUBSCRIBE, r, ch, "subscribe", {"key": k}], rid, st.text(max_size=4)),
         st.builds(lambda k: [MsgType.UNSUBSCRIBE, k], st.integers(0, 50)),
-        st.builds(lambda r: [MsgType.REGISTER, r, "b"], rid),
+        st.builds(lambda r: [MsgType.REGISTER, r, "b", "BlastClient"], rid),
     )
 
 
@@ -148,7 +148,7 @@ def poison(ch: int) -> st.SearchStrategy[bytes]:
         st.sampled_from(LEADER_ONLY).flatmap(well_shaped).map(pack),
         # invalid request ids
         st.builds(lambda r: pack([MsgType.INVOKE, r, ch, "echo", [1], {}, 0, None]), bad_rids),
-        st.builds(lambda r: pack([MsgType.REGISTER, r, "b"]), bad_rids),
+        st.builds(lambda r: pack([MsgType.REGISTER, r, "b", "BlastClient"]), bad_rids),
         st.builds(lambda r: pack([MsgType.SUBSCRIBE, r, ch, "subscribe", {"key": "k"}]), bad_rids),
         # map keys other than str/bytes, and strings that are not UTF-8
         st.builds(lambda k: pack([MsgType.INVOKE, 1, ch, "echo", [{k: 1}], {}, 0, None]), ints | st.booleans() | st.none() | st.floats()),
@@ -531,7 +531,7 @@ def test_registering_unknown_names_counts_against_the_limit_and_ends_with_the_pe
     limit = ARENA_OPTIONS["max_inflight_per_follower"]
     with arena.peer() as p:
         for i in range(3 * limit):
-            p.send([MsgType.REGISTER, 100 + i, f"nobody-hosts-{i}"])  # each would wait max_wait_time
+            p.send([MsgType.REGISTER, 100 + i, f"nobody-hosts-{i}", "BlastClient"])  # each would wait max_wait_time
         refused = [p.recv() for _ in range(2 * limit)]
         assert all(m[0] == MsgType.ERROR and m[2] == ErrorCode.LIMIT for m in refused), refused
         (peer,) = [q for q in arena.node.peers if q.addr == p.addr]

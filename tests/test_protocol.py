@@ -44,7 +44,7 @@ EXAMPLES = [
     Challenge("connshare", 1, 7, b"m" * 16, b"p" * 32),
     Auth(b"p" * 32),
     Welcome(),
-    Register(3, "registry"),
+    Register(3, "registry", "RegistryClient"),
     Subscribe(4, 1, "subscribe", {"service": "users", "tags": ["a", 1]}),
     Unsubscribe(9),
     Event(9, {"v": [1, 2.5, None, True, b"\x00"]}),

@@ -123,7 +123,7 @@ def test_unsafe_secret_files_are_refused(port, tmp_path, monkeypatch) -> None:
 
 
 def _hostile_no_hello(p: RawPeer, legit: RawPeer) -> None:
-    p.send([MsgType.REGISTER, 1, "b"])
+    p.send([MsgType.REGISTER, 1, "b", "BlastClient"])
     p.send([MsgType.INVOKE, 2, 1, "echo", ["stolen"], {}, 0, None])
     p.send([MsgType.SUBSCRIBE, 3, 1, "subscribe", {"key": "guarded"}])
 
@@ -159,7 +159,7 @@ def _hostile_pipelined(p: RawPeer, legit: RawPeer) -> None:
     p.send_raw(
         hs_pack([MsgType.HELLO, MAGIC, PROTOCOL_VERSION, os.getpid(), p.nonce])
         + hs_pack([MsgType.AUTH, b"\0" * 32])
-        + hs_pack([MsgType.REGISTER, 1, "b"])
+        + hs_pack([MsgType.REGISTER, 1, "b", "BlastClient"])
         + hs_pack([MsgType.SUBSCRIBE, 2, 1, "subscribe", {"key": "guarded"}])
     )
 
@@ -232,7 +232,7 @@ def test_messages_sent_right_behind_the_handshake_are_served(port) -> None:
     # The handshake's messages carry a length and the open connection's do not:
     # both kinds in one read are told apart.
     with in_process_leader(port, secret=SECRET), RawPeer(port) as p:
-        p.handshake(SECRET, pipelined=pack([MsgType.PING, 7]) + pack([MsgType.REGISTER, 1, "b"]))
+        p.handshake(SECRET, pipelined=pack([MsgType.PING, 7]) + pack([MsgType.REGISTER, 1, "b", "BlastClient"]))
         assert p.recv() == [MsgType.PONG, 7]
         assert p.recv()[:2] == [MsgType.RESULT, 1]
         assert p.invoke(p.register("b"), "echo", "after")[2] == "after"
