@@ -422,6 +422,7 @@ class FollowerConnection:
         reading = ep is not None and rtoken.acquire(False)
         if reading and self._role is not None:
             self._reclaim_closed_role()
+            self._drop_role_of_blocked_loop()
             if self._role is not None:  # an event loop reads: it answers us
                 rtoken.release()
                 reading = False
@@ -698,6 +699,22 @@ class FollowerConnection:
                 self._role = None
                 self._watching.discard(role)
                 self._arm(_EPOLLIN)
+
+    def _drop_role_of_blocked_loop(self) -> None:
+        """With the read token held, in a blocking caller: if the loop holding the
+        reader role is this thread's own (a blocking call inside a coroutine), that
+        loop cannot read until the call returns; the caller reads instead, rather
+        than wait for connshare's loop to find the role stalled (over 0.5 s)."""
+        role = self._role
+        if role is None or role is not asyncio._get_running_loop():
+            return
+        with self._reg_lock:
+            if self._role is not role:
+                return
+            self._role = None
+            self._arm(_EPOLLIN)
+        self._unwatch(role)
+        log.debug("a blocking call on the event loop that reads the leader connection; it reads for itself")
 
     def _arm_watch(self) -> None:
         try:

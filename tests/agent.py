@@ -548,6 +548,40 @@ class Agent:
         self.loop_blocked.wait(10)
         return box["out"]
 
+    def op_blocking_call_on_a_reading_loop(self, cid: str, method: str, args: list) -> dict:
+        """On the agent's loop while it reads the connection, an awaited call in
+        flight: a blocking call of ``method`` from that loop's own thread (an app's
+        mistake in an async handler). Its result, whether the loop held the reader
+        role as it made it, and how often connshare's loop had to take the role
+        back from the loop the call blocked."""
+        c = self.clients[cid]
+        stalls: list[str] = []
+
+        class Catch(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if "stalled" in record.getMessage():
+                    stalls.append(record.getMessage())
+
+        flog = logging.getLogger("connshare.follower")
+        catch, level = Catch(logging.DEBUG), flog.level
+        flog.addHandler(catch)
+        flog.setLevel(logging.DEBUG)
+
+        async def go() -> dict:
+            _, reads = await self._acall_reading(cid, "aecho", [0])
+            slow = asyncio.ensure_future(c.asleep(1.0))
+            await asyncio.sleep(0)  # its request leaves; this loop reads its answer
+            reads = reads and self._reads_here(cid)
+            result = getattr(c, method)(*args)  # blocks this loop
+            await slow
+            return {"result": result, "loop_read": reads, "stalls": len(stalls)}
+
+        try:
+            return self._await(go())
+        finally:
+            flog.removeHandler(catch)
+            flog.setLevel(level)
+
     def op_acalls_then_block_loop(self, cid: str, method: str, argsets: list, seconds: float) -> None:
         """Start awaitable calls in one turn of the agent's loop, then block that loop
         with app code for ``seconds``, in the same turn, before it comes round."""

@@ -186,6 +186,19 @@ def test_a_stalled_event_loop_does_not_hold_up_other_callers(port, upstream, spa
     assert follower.request("acall", "0", "aecho", [2]) == 2
 
 
+def test_a_blocking_call_on_the_loop_that_reads_reads_for_itself(port, upstream, spawn) -> None:
+    # A blocking call inside a coroutine, while that loop reads the connection
+    # (an awaited call in flight): the loop cannot read until the call returns, so
+    # the caller reads its own answer. Before, it waited for connshare's loop to
+    # find the role stalled, 0.5 s and more per call.
+    _leader, follower = _pair(spawn, port, upstream.port)
+    out = follower.request("blocking_call_on_a_reading_loop", "0", "echo", ["x"])
+    assert out["loop_read"], "precondition: the loop held the reader role"
+    assert out["result"] == "x"
+    assert out["stalls"] == 0, "connshare's loop had to take the role from the blocked loop"
+    assert follower.request("acall", "0", "aecho", ["after"]) == "after"
+
+
 @pytest.mark.parametrize("kind", ["asyncio", "uvloop"])
 def test_a_closed_event_loop_leaves_the_connection_working(port, upstream, spawn, kind) -> None:
     if kind == "uvloop":
