@@ -60,6 +60,19 @@ class ClusterClient(Base):
         # checker, an attribute the client does not define is one of them.
         def __getattr__(self, name: str) -> Any: ...
 
+    else:
+
+        def __getattr__(self, name: str) -> Any:
+            # Only on a miss: a method of the real class that was not delegated
+            # says how to delegate it, rather than just "no attribute".
+            cls = self.__dict__.get("_cls")
+            if cls is not None and not name.startswith("_") and callable(getattr(cls, name, None)):
+                raise AttributeError(
+                    f"{type(self).__name__} has no attribute {name!r}: {cls.__qualname__}.{name} is not delegated "
+                    f"(add .delegate({name!r}) to the cluster() builder, or pass auto_generate=True)"
+                )
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def __init__(self, cls: type, options: Options, spec: dict[str, MethodSpec], args: tuple, kwargs: dict) -> None:
         super().__init__()
         self._cls = cls

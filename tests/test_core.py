@@ -378,6 +378,18 @@ def test_two_classes_under_one_name_in_one_process_are_refused(port, upstream) -
         first.close()
 
 
+def test_a_method_that_was_not_delegated_says_how_to_delegate_it(port, upstream) -> None:
+    c = cluster(KVClient, port=port, single_mode=True).delegate("echo").create(upstream.port)
+    try:
+        with pytest.raises(AttributeError, match=r"KVClient.get is not delegated \(add .delegate\('get'\)"):
+            c.get("k")
+        with pytest.raises(AttributeError, match=r"has no attribute 'nothing_of_the_kind'$"):
+            c.nothing_of_the_kind  # noqa: B018
+        assert not hasattr(c, "get") and c.echo(1) == 1
+    finally:
+        c.close()
+
+
 def test_forced_follower_without_leader_raises(port) -> None:
     c = cluster(KVClient, port=port, is_leader=False, max_wait_time=0.3).delegate("echo").create(0)
     try:
