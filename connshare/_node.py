@@ -721,7 +721,11 @@ class Node:
         try:
             if not is_coro:
                 # a blocking method awaited in the leader: the caller loop's executor
-                return await asyncio.wait_for(loop.run_in_executor(None, functools.partial(fn, *args, **kwargs)), left)
+                try:
+                    job = loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+                except RuntimeError as exc:  # shut down: the loop ends, or the process exits
+                    raise ClientClosedError(f"cannot run {method!r}: the event loop's executor is shut down ({exc})") from exc
+                return await asyncio.wait_for(job, left)
             return await asyncio.wait_for(fn(*args, **kwargs), left)
         except asyncio.TimeoutError:
             raise CallTimeoutError(f"{method!r} did not finish in time") from None

@@ -11,6 +11,7 @@ import pytest
 from connshare import (
     CallTimeoutError,
     ChannelNotFoundError,
+    ClientClosedError,
     ConcurrencyError,
     ConfigurationError,
     LeaderNotFoundError,
@@ -386,6 +387,24 @@ def test_a_method_that_was_not_delegated_says_how_to_delegate_it(port, upstream)
         with pytest.raises(AttributeError, match=r"has no attribute 'nothing_of_the_kind'$"):
             c.nothing_of_the_kind  # noqa: B018
         assert not hasattr(c, "get") and c.echo(1) == 1
+    finally:
+        c.close()
+
+
+def test_an_awaited_blocking_call_after_its_loops_executor_shut_down_is_a_typed_error(port, upstream) -> None:
+    # The leader's own awaited call of a blocking method runs on the caller loop's
+    # executor; once that is shut down (the process exiting), it fails as closed,
+    # not with a bare RuntimeError from concurrent.futures.
+    c = cluster(KVClient, port=port, single_mode=True).delegate("echo").create(upstream.port)
+
+    async def go() -> None:
+        assert await c.ainvoke("echo", 1) == 1
+        await asyncio.get_running_loop().shutdown_default_executor()
+        with pytest.raises(ClientClosedError, match="executor is shut down"):
+            await c.ainvoke("echo", 2)
+
+    try:
+        asyncio.run(go())
     finally:
         c.close()
 
