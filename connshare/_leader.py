@@ -134,8 +134,11 @@ class PeerProtocol:
             return
         if not n:
             if not self.open and self.handshake.state is HandshakeState.SENT_CHALLENGE:
-                # What a connshare follower with another secret does on our proof.
-                log.warning("leader: peer %s (pid %s) hung up during the handshake (another secret?)", self.addr, self.pid)
+                # What a connshare follower with another secret does on our proof;
+                # or one that was killed or closed just then (churn at shutdown).
+                log.warning(
+                    "leader: peer %s (pid %s) hung up during the handshake: another secret, or it exited or closed", self.addr, self.pid
+                )
             self._lost("closed the connection in the middle of a message" if (self.stream or self.decoder).buffered else None)
             return
         self.data_received(memoryview(buf)[:n])
