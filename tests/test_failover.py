@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -92,7 +93,10 @@ def test_calls_during_the_gap_wait_for_the_new_leader(port, upstream, spawn) -> 
     assert others[1].call("whoami") == pid
 
 
-def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
+def _no_call_fails_as_the_leader_leaves(port, upstream, spawn, leave: Callable[[Worker], None]) -> list[Worker]:
+    """Three workers subscribed to one key, the two followers calling in a loop;
+    ``leave(leader)`` ends the leader. No follower's call may fail across it, and
+    the subscription goes on. Returns the followers."""
     ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(3)])
     for w in ws:
         w.ready()
@@ -102,9 +106,7 @@ def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
     for c in callers:
         c.request("start_calls", "0", "echo", ["x" * 100])
     wait_until(lambda: all(c.request("calls_so_far")["ok"] > 50 for c in callers), what="calls flowing")
-    leader.request("close", "0")  # the worker is recycled: close() hands off
-    new_leader = _leader(callers)
-    wait_until(lambda: all(c.request("calls_so_far")["ok"] > 0 for c in callers))
+    leave(leader)
     before = [c.request("calls_so_far")["ok"] for c in callers]
     wait_until(
         lambda: all(c.request("calls_so_far")["ok"] > b + 50 for c, b in zip(callers, before, strict=True)),
@@ -114,39 +116,29 @@ def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
         stats = c.request("stop_calls")
         assert stats["errors"] == {}, stats
     _everyone_gets(callers, upstream, ("g",), "after-handoff")
-    assert new_leader.role()["is_leader"]
+    return callers
+
+
+def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
+    # the worker is recycled: close() hands off
+    callers = _no_call_fails_as_the_leader_leaves(port, upstream, spawn, lambda leader: leader.request("close", "0"))
+    assert _leader(callers).role()["is_leader"]
     assert upstream.wait_for(lambda s: s.live_connections == 1, 10)
+
+
+def _leave_without_close(w: Worker) -> None:
+    w.request("leave")
+    w.proc.join(20)
+    assert w.proc.exitcode == 0
 
 
 def test_a_leader_that_exits_without_close_hands_off_and_exits_cleanly(port, upstream, spawn) -> None:
     # A program that never calls close(): connshare's exit hook closes for it, so
     # the followers see a handoff, not a crash, and the process exits with 0 (a
     # loop thread left running into the interpreter's end crashed it under uvloop).
-    ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(3)])
-    for w in ws:
-        w.ready()
-        w.subscribe({"key": "x"}, "x")
-    leader = _leader(ws)
-    callers = [w for w in ws if w is not leader]
-    for c in callers:
-        c.request("start_calls", "0", "echo", ["x" * 100])
-    wait_until(lambda: all(c.request("calls_so_far")["ok"] > 50 for c in callers), what="calls flowing")
-    leader.request("leave")
-    leader.proc.join(20)
-    assert leader.proc.exitcode == 0
-    before = [c.request("calls_so_far")["ok"] for c in callers]
-    wait_until(
-        lambda: all(c.request("calls_so_far")["ok"] > b + 50 for c, b in zip(callers, before, strict=True)),
-        what="calls after the handoff",
-    )
-    for c in callers:
-        stats = c.request("stop_calls")
-        assert stats["errors"] == {}, stats
-    _everyone_gets(callers, upstream, ("x",), "after-exit")
+    callers = _no_call_fails_as_the_leader_leaves(port, upstream, spawn, _leave_without_close)
     for c in callers:  # and the followers leave as cleanly
-        c.request("leave")
-        c.proc.join(20)
-        assert c.proc.exitcode == 0
+        _leave_without_close(c)
 
 
 @pytest.mark.parametrize("awaited", [False, True], ids=["blocking", "awaited"])
