@@ -568,10 +568,16 @@ class Agent:
         flog.setLevel(logging.DEBUG)
 
         async def go() -> dict:
-            _, reads = await self._acall_reading(cid, "aecho", [0])
-            slow = asyncio.ensure_future(c.asleep(1.0))
-            await asyncio.sleep(0)  # its request leaves; this loop reads its answer
-            reads = reads and self._reads_here(cid)
+            # The loop takes the role as its request leaves, unless someone reads
+            # at that instant (a heartbeat's answer): then try again, for a while.
+            deadline = time.monotonic() + 5.0
+            while True:
+                slow = asyncio.ensure_future(c.asleep(0.5))
+                await asyncio.sleep(0)  # its request leaves
+                reads = self._reads_here(cid)
+                if reads or time.monotonic() > deadline:
+                    break
+                await slow
             result = getattr(c, method)(*args)  # blocks this loop
             await slow
             return {"result": result, "loop_read": reads, "stalls": len(stalls)}
