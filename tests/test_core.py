@@ -353,13 +353,12 @@ def test_another_apps_client_under_the_same_name_is_refused_at_once(port, upstre
     a.ready()
     b.ready()
     leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
-    other = {"id": "0", "cls": "CounterClient", "options": {"port": port, "name": "kv"}, "delegates": ["incr"]}
+    # max_wait_time far beyond ready()'s timeout: only a refusal at once is in time
+    other = {"id": "0", "cls": "CounterClient", "options": {"port": port, "name": "kv", "max_wait_time": 600}, "delegates": ["incr"]}
     (stranger,) = spawn([other])
-    t0 = time.monotonic()
     with pytest.raises(AgentError) as info:
-        stranger.ready(timeout=10)
+        stranger.ready(timeout=20)
     assert info.value.type == "NotReadyError" and info.value.desc["cause"] == "ChannelNotFoundError", info.value.desc
-    assert time.monotonic() - t0 < 5  # not max_wait_time (30 s)
     with pytest.raises(AgentError) as info:
         stranger.call("incr")
     assert info.value.isa("ChannelNotFoundError")
