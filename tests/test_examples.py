@@ -17,5 +17,6 @@ def test_quickstart_runs_and_shows_one_upstream_connection() -> None:
     assert out.stdout.count("LEADER") == 1
     assert "the upstream saw 1 connection(s) from 4 workers" in out.stdout
     # The first thing a user runs: its workers leave together, so leaders hand off
-    # to followers on their way out too, and none of that may print a traceback.
-    assert "Traceback" not in out.stderr and "ERROR" not in out.stderr, out.stderr
+    # to followers on their way out too, and none of that may print a traceback or
+    # an error (with logging unconfigured, Python prints a record's message alone).
+    assert "Traceback" not in out.stderr and "cannot serve" not in out.stderr, out.stderr
