@@ -271,8 +271,8 @@ class Node:
         """A listening socket if we won, else (connection, the bytes after its handshake)."""
         opts = self.options
         loop = self.loop
-        deadline = loop.time() + opts.max_wait_time
-        self._elect_until = time.monotonic() + opts.max_wait_time  # for callers (any thread)
+        # One deadline, on the clock callers read too (they wait for its verdict).
+        self._elect_until = time.monotonic() + opts.max_wait_time
         delay = 0.0005
         self.role = Role.ELECTING
         hung_up_since: float | None = None
@@ -297,7 +297,7 @@ class Node:
                         hung_up_since = None
             if self.closing:
                 raise ClientClosedError("closed during the election")
-            if loop.time() > deadline:
+            if time.monotonic() > self._elect_until:
                 if opts.is_leader is False:
                     raise LeaderNotFoundError(f"no connshare leader on port {self.port} within max_wait_time={opts.max_wait_time} s")
                 if opts.is_leader is True:
