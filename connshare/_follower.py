@@ -56,6 +56,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._inplace import InPlace, Spin
+from ._loop import add_reader_in_place
 from ._protocol import T_RESULT, Codec, Error, MessageDecoder, MsgType
 from ._remote import exception_from
 
@@ -251,7 +252,7 @@ class FollowerConnection:
                 self._consume(memoryview(early) if early else None)
             finally:
                 self._here = None
-        self._home.add_reader(self._home_fd, self._home_read)
+        add_reader_in_place(self._home, self._home_fd, self._home_read)
 
     # -- sending ------------------------------------------------------------------------
 

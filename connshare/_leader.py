@@ -28,6 +28,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._host import ChannelHost, KeyState
+from ._loop import add_reader_in_place
 from ._polling import waits
 from ._protocol import (
     MAX_HANDSHAKE_FRAME,
@@ -116,7 +117,7 @@ class PeerProtocol:
             self._refuse(LimitExceededError(f"the leader serves max_followers={self.options.max_followers} already"), ErrorCode.LIMIT)
             return
         self.node.peers.add(self)
-        self.loop.add_reader(self.fd, self._on_readable)
+        add_reader_in_place(self.loop, self.fd, self._on_readable)
         self._hs_timer = self.loop.call_later(self.options.connect_timeout, self._handshake_timeout)
 
     # -- the socket (loop side) --------------------------------------------------------

@@ -14,7 +14,7 @@ import encodings.idna  # noqa: F401  (see below)
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from threading import get_ident
 from typing import Any, TypeVar
 
@@ -73,6 +73,14 @@ def _new_loop() -> asyncio.AbstractEventLoop:
             return uvloop.new_event_loop()
     _selector = PollingSelector()
     return asyncio.SelectorEventLoop(_selector)
+
+
+def add_reader_in_place(loop: asyncio.AbstractEventLoop, fd: int, callback: Callable[[], Any]) -> None:
+    """``loop.add_reader(fd, callback)``; on connshare's own asyncio loop, the
+    callback then runs inside the selector's ``select()`` (see ``_polling``)."""
+    loop.add_reader(fd, callback)
+    if loop is _loop and _selector is not None:
+        _selector.read_in_place(fd, callback)
 
 
 def loop_selector() -> PollingSelector | None:

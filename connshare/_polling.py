@@ -1,4 +1,5 @@
-"""The leader's loop polls before it sleeps: the ``leader_spin_wait`` option.
+"""The selector of connshare's loop (asyncio's, not uvloop): connshare's readers
+run in place, and the leader's loop polls before it sleeps (``leader_spin_wait``).
 
 Between two calls of a follower the leader's loop thread has nothing to do for
 about 20 µs, so it sleeps in ``epoll_wait``, and the next request wakes it on a
@@ -16,6 +17,14 @@ begins to: a worker running a blocking method (the blocking echo was 14 µs
 slower, measured), or a caller in this process waiting for a coroutine method the
 loop runs (4 to 6 µs slower). asyncio's selector loop only (uvloop has no
 selector to wrap).
+
+The same selector runs connshare's own readers in place
+(:meth:`PollingSelector.read_in_place`): the callback of a follower's connection
+on the leader, or of a follower's home read, runs inside ``select()`` instead of
+as a handle on asyncio's ready queue. That skips the handle's pass through the
+queue and its context switch, and the loop sleeps again sooner: 2 to 4 µs off a
+follower's sequential call, measured side by side. It applies only when asyncio
+asked ``select()`` to wait, so no callback already queued is overtaken.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import logging
 import os
 import selectors
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._inplace import Spin
@@ -33,13 +43,57 @@ log = logging.getLogger("connshare.polling")
 
 
 class PollingSelector(selectors.DefaultSelector):
-    """connshare's loop's selector: while :meth:`poll_for` has set a policy, polls
-    up to its wait before a select that would sleep. Without one, ``select`` is the
-    plain selector's: a loop that does not poll pays no frame for it."""
+    """connshare's loop's selector: runs connshare's readers in place, and while
+    :meth:`poll_for` has set a policy, polls up to its wait before a select that
+    would sleep."""
 
     def __init__(self) -> None:
         super().__init__()
         self.spin: Spin | None = None
+        #: fd -> the reader callback registered for it with add_reader, to run inside select()
+        self.in_place: dict[int, Callable[[], Any]] = {}
+
+    def read_in_place(self, fd: int, callback: Callable[[], Any]) -> None:
+        """Run ``callback``, the reader the loop has for ``fd``, inside ``select()``.
+        It must not raise (what it does raise is logged), and it must tolerate a
+        read that finds nothing. It stops when the loop stops reading ``fd``."""
+        self.in_place[fd] = callback
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = super().unregister(fileobj)
+        self.in_place.pop(key.fd, None)
+        return key
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = super().modify(fileobj, events, data)
+        if not events & selectors.EVENT_READ:
+            self.in_place.pop(key.fd, None)
+        return key
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(timeout)
+        # A zero timeout: the loop has callbacks queued, which run first.
+        if ready and self.in_place and timeout != 0:
+            return self._run_in_place(ready)
+        return ready
+
+    def _run_in_place(self, ready: list[tuple[selectors.SelectorKey, int]]) -> list[tuple[selectors.SelectorKey, int]]:
+        """Run the in-place readers of ``ready``; return the rest for the loop."""
+        in_place = self.in_place
+        rest = []
+        for key, events in ready:
+            # Looked up now: a reader run just before may have removed this one.
+            callback = in_place.get(key.fd) if events & selectors.EVENT_READ else None
+            if callback is None:
+                rest.append((key, events))
+                continue
+            if events & selectors.EVENT_WRITE:
+                rest.append((key, selectors.EVENT_WRITE))
+            try:
+                callback()
+            except Exception:
+                log.exception("connshare: the reader of fd %s failed", key.fd)
+        return rest
 
     def poll_for(self, spin: Spin | None) -> None:
         """On the loop's thread: poll with ``spin`` from now on (None: never)."""
@@ -59,13 +113,13 @@ class PollingSelector(selectors.DefaultSelector):
                     ready = select(0)
                     if ready:
                         spin.answered()
-                        return ready
+                        return self._run_in_place(ready) if self.in_place else ready
                     if waits:  # a thread began to wait on the loop: let it have the GIL
                         break
                     if now() >= until:
                         spin.missed()
                         break
-        return super().select(timeout)
+        return PollingSelector.select(self, timeout)
 
 
 #: one item per thread waiting on connshare's loop now: a worker running a

@@ -491,6 +491,13 @@ class Agent:
         spin = loop_selector().spin  # type: ignore[union-attr]
         return None if spin is None else {"wait": spin.wait, "backoff": spin.backoff, "skip": spin.skip}
 
+    def op_in_place_readers(self) -> int | None:
+        """The fds connshare's loop reads inside its select() (None: uvloop, no selector)."""
+        from connshare._loop import loop_selector
+
+        selector = loop_selector()
+        return None if selector is None else len(selector.in_place)
+
     def op_threads_waiting_on_loop(self) -> int:
         """Threads of this process waiting on connshare's loop (the leader polls not)."""
         from connshare._polling import waits

@@ -457,6 +457,22 @@ def test_the_leader_does_not_poll_while_a_thread_waits_on_its_loop(port, upstrea
     assert caller.request("join_call", "slow") == ("ok", 1.0)
 
 
+def test_connshare_asyncio_loop_reads_its_connections_in_place(port, upstream, spawn) -> None:
+    # The leader reads each follower's connection inside its selector's select(),
+    # and a follower its own; a connection that ends leaves no reader behind.
+    leader, follower = _pair(spawn, port, upstream.port, asyncio_loop=True)
+    assert leader.request("in_place_readers") == 1
+    assert follower.request("in_place_readers") == 1
+    follower.subscribe({"key": "cfg"}, "cfg")  # events come through the home loop's read
+    for i in range(3):
+        upstream.set("cfg", i)
+        follower.wait_event("cfg", lambda v, i=i: v["value"] == i)
+    assert follower.call("echo", 1) == 1
+    follower.request("close", "0")
+    wait_until(lambda: leader.request("in_place_readers") == 0, timeout=10, what="the leader forgetting the reader")
+    assert follower.request("in_place_readers") == 0
+
+
 def test_leader_spin_wait_follows_the_leader(port, upstream, spawn) -> None:
     # Only a process that leads polls; when it stops leading it stops polling,
     # and the follower that takes over starts.
