@@ -31,6 +31,8 @@ import msgpack
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LATEST_JSON = RESULTS_DIR / "latest.json"
+#: where ``--quick`` runs write, so that a smoke run never replaces the full results
+QUICK_JSON = RESULTS_DIR / "quick.json"
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 16 * 1024 * 1024
@@ -38,6 +40,7 @@ MAX_FRAME = 16 * 1024 * 1024
 __all__ = [
     "HEADER",
     "LATEST_JSON",
+    "QUICK_JSON",
     "UpstreamServer",
     "free_port",
     "host_info",

@@ -41,6 +41,8 @@ from multiprocessing.managers import BaseManager
 from typing import Any
 
 from benchmarks._common import (
+    LATEST_JSON,
+    QUICK_JSON,
     percentiles,
     print_summary,
     record_workload,
@@ -380,7 +382,9 @@ def run_all(quick: bool = False, runs: int = 3, only: list[str] | None = None, w
     for name in names:
         params = {**sizes[name], "quick": quick, "payload": "x*100"}
         if write:
-            entry = record_workload(name, collected[name], params=params, extra={"source": "benchmarks.baselines"})
+            entry = record_workload(
+                name, collected[name], params=params, extra={"source": "benchmarks.baselines"}, path=QUICK_JSON if quick else LATEST_JSON
+            )
         else:
             entry = {"summary": summarize_all(collected[name]), "runs": collected[name]}
         print_summary(name, entry["summary"], SHOWN[name])
@@ -390,7 +394,7 @@ def run_all(quick: bool = False, runs: int = 3, only: list[str] | None = None, w
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run); writes results/quick.json")
     parser.add_argument("--runs", type=int, default=3, help="repetitions of each workload (default 3)")
     parser.add_argument("--only", help="comma-separated workloads: " + ",".join(WORKLOADS))
     parser.add_argument("--no-write", action="store_true", help="do not touch results/latest.json")

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import print_summary, record_workload, summarize_all
+from benchmarks._common import LATEST_JSON, QUICK_JSON, print_summary, record_workload, summarize_all
 
 NODE_DIR = Path(__file__).resolve().parent / "reference_node"
 INSTALL_TIMEOUT = 300.0
@@ -166,7 +166,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke run); writes results/quick.json")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--phases", default=",".join(PHASES), help="subset of " + ",".join(PHASES))
     parser.add_argument("--no-write", action="store_true", help="do not touch results/latest.json")
@@ -196,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         phase_runs = [_flatten(r[phase]) for r in runs]
         extra = {"source": "benchmarks.reference", "reference": meta, "node_clock_check": clock}
         params = {"quick": args.quick, "payload": "x*100"}
-        entry = {"summary": summarize_all(phase_runs)} if args.no_write else record_workload(name, phase_runs, params=params, extra=extra)
+        out = QUICK_JSON if args.quick else LATEST_JSON
+        if args.no_write:
+            entry = {"summary": summarize_all(phase_runs)}
+        else:
+            entry = record_workload(name, phase_runs, params=params, extra=extra, path=out)
         summary = entry["summary"]
         print_summary(name, summary, SHOWN[phase])
     return 0

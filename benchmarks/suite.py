@@ -26,9 +26,7 @@ from typing import Any
 
 from benchmarks import baselines, connshare_bench, reference
 from benchmarks._agent import reap_all
-from benchmarks._common import LATEST_JSON, RESULTS_DIR, record_workload, summarize_all
-
-QUICK_JSON = RESULTS_DIR / "quick.json"
+from benchmarks._common import LATEST_JSON, QUICK_JSON, RESULTS_DIR, record_workload, summarize_all
 
 # name -> (function, full kwargs, quick kwargs)
 # (quick None: not run by --quick)
