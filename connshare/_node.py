@@ -871,6 +871,10 @@ class Node:
                     pass
             for peer in list(self.peers):
                 peer.close_after_flush()
+            # Coroutine calls still running past the grace: their callers hear that
+            # the leader left. End them, rather than leave them running on against
+            # a closed client, or pending until the loop goes at exit.
+            await self.runner.cancel_running(1.0)
         if self.conn is not None:
             self.conn.close()
             self.conn = None

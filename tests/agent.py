@@ -339,6 +339,13 @@ class Agent:
         """Requests the client's connection to the leader waits for answers to."""
         return len(self.clients[cid]._node.conn.pending)
 
+    def op_close_counting_calls_left(self, cid: str) -> int:
+        """close() the client; then how many coroutine calls for followers its
+        node's loop still runs (a closing leader's, past its grace)."""
+        node = self.clients[cid]._node
+        self.clients[cid].close()
+        return len(node.runner._tasks)
+
     def op_inflight(self, cid: str) -> int:
         """How many calls the client's node runs for others (as leader) now."""
         return self.clients[cid]._node.inflight

@@ -189,6 +189,24 @@ def test_a_handoff_ends_once_the_last_blocking_answer_is_read(port, upstream, sp
     assert took < FAST["response_timeout"] - 1.5, f"close() waited {took:.1f} s: the follower kept the drained connection open"
 
 
+def test_a_closing_leader_ends_the_coroutine_calls_that_outlast_its_grace(port, upstream, spawn) -> None:
+    # Past its grace (response_timeout) a closing leader stops waiting for calls
+    # in flight. A coroutine call still running must not stay pending on the loop
+    # (to run on against a closed client, or to be destroyed at exit with "Task
+    # was destroyed but it is pending!"): it is cancelled. Its caller's own wait,
+    # as long as that grace, ends as it would have.
+    ws = spawn(*[[kv_spec(port, upstream.port, **{**FAST, "response_timeout": 1})] for _ in range(2)])
+    for w in ws:
+        w.ready()
+    leader = _leader(ws)
+    caller = next(w for w in ws if w is not leader)
+    caller.request("call_in_thread", "0", "invoke", ["asleep", 60.0], "slow")
+    wait_until(lambda: leader.request("inflight", "0") >= 1, what="the call running on the leader")
+    assert leader.request("close_counting_calls_left", "0") == 0
+    outcome, error = caller.request("join_call", "slow")
+    assert outcome == "raised" and error["type"] in ("CallTimeoutError", "LeaderLostError"), error
+
+
 def test_idempotent_calls_are_sent_again_once(port, upstream, spawn) -> None:
     delegates = ["whoami", ["sleep", "invoke", {"idempotent": True}], ["asleep", "invoke", {"idempotent": True}]]
     ws = spawn(*[[kv_spec(port, upstream.port, delegates=delegates, **FAST)] for _ in range(3)])
