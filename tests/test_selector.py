@@ -127,13 +127,15 @@ def test_a_reader_removed_by_another_in_the_same_select_does_not_run(loop, pairs
     assert len(_selector(loop).in_place) == 1  # the reader that ran, still there
 
 
-def test_a_reader_that_raises_is_logged_and_the_others_still_run(loop, pairs, caplog) -> None:
+@pytest.mark.parametrize("error", [RuntimeError, asyncio.CancelledError])
+def test_a_reader_that_raises_is_logged_and_the_others_still_run(loop, pairs, caplog, error: type[BaseException]) -> None:
+    # CancelledError is a BaseException: a handle's would not end the loop either.
     (a1, b1), (a2, b2) = pairs(), pairs()
     got: list[bytes] = []
 
     def broken() -> None:
         _drain(a1)
-        raise RuntimeError("boom")
+        raise error("boom")
 
     _in_place(loop, a1, broken)
     _in_place(loop, a2, lambda: got.append(_drain(a2)))
@@ -146,7 +148,38 @@ def test_a_reader_that_raises_is_logged_and_the_others_still_run(loop, pairs, ca
         _run_until(loop, lambda: len(got) == 2)
     assert got == [b"y", b"z"]
     failures = [r for r in caplog.records if "reader of fd" in r.getMessage()]
-    assert len(failures) == 2 and all(r.exc_info and r.exc_info[0] is RuntimeError for r in failures)
+    assert len(failures) == 2 and all(r.exc_info and r.exc_info[0] is error for r in failures)
+
+
+def test_a_socket_that_takes_a_closed_ones_fd_in_the_same_select_keeps_its_reader(loop, pairs) -> None:
+    # A reader in place closes another socket, whose event is in the same select,
+    # and a new socket takes its fd number: the loop must not act on the old
+    # socket's key (its cancelled reader) against the new one.
+    (a, a_peer), (b, b_peer) = pairs(), pairs()
+    c, d = pairs()
+    fd = b.fileno()
+    got: list[bytes] = []
+
+    def swap() -> None:
+        _drain(a)
+        loop.remove_reader(fd)
+        b.close()
+        os.dup2(c.fileno(), fd)  # fd now names c's socket
+        loop.add_reader(fd, lambda: got.append(os.read(fd, 4096)))
+
+    _in_place(loop, a, swap)
+    loop.add_reader(fd, lambda: got.append(b"old reader"))  # a handle, not in place
+    a_peer.send(b"x")
+    b_peer.send(b"x")  # both readable before the loop selects
+    try:
+        _run_until(loop, lambda: b.fileno() == -1)
+        d.send(b"for the new socket")
+        _run_until(loop, lambda: bool(got), timeout=2.0)
+        assert got == [b"for the new socket"]
+    finally:
+        if b.fileno() == -1:  # fd is c's dup now, ours to close
+            loop.remove_reader(fd)
+            os.close(fd)
 
 
 def test_a_writer_on_the_same_fd_runs_in_the_same_pass(loop, pairs) -> None:
