@@ -44,6 +44,7 @@ from ._protocol import (
     to_message,
 )
 from ._remote import error_message
+from ._runner import Abandoned
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -530,6 +531,8 @@ class PeerProtocol:
             waits.pop()
 
     def _answer(self, rid: int, value: Any, exc: BaseException | None, on_loop: bool) -> None:
+        if isinstance(exc, Abandoned):
+            return  # closing: the follower hears the connection end instead
         if rid and not self.closed:
             if exc is None:
                 try:
