@@ -22,8 +22,8 @@ The same selector runs connshare's own readers in place
 (:meth:`PollingSelector.read_in_place`): the callback of a follower's connection
 on the leader, or of a follower's home read, runs inside ``select()`` instead of
 as a handle on asyncio's ready queue. That skips the handle's pass through the
-queue and its context switch, and the loop sleeps again sooner: 2 to 4 µs off a
-follower's sequential call, measured side by side. It applies only when asyncio
+queue and its context switch, and the loop sleeps again sooner: 1.5 to 4 µs off
+a follower's sequential call, measured side by side. It applies only when asyncio
 asked ``select()`` to wait, so no callback queued before the select is
 overtaken; those that other threads queue during it (``call_soon_threadsafe``)
 may be, and those that a reader queues run in the same pass of the loop rather
