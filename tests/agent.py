@@ -340,8 +340,8 @@ class Agent:
         return len(self.clients[cid]._node.conn.pending)
 
     def op_close_counting_calls_left(self, cid: str) -> int:
-        """close() the client; then how many coroutine calls for followers its
-        node's loop still runs (a closing leader's, past its grace)."""
+        """close() the client; then how many coroutine calls (this process's own
+        too) its node's loop still drives: a closing leader's, past its grace."""
         node = self.clients[cid]._node
         self.clients[cid].close()
         return len(node.runner._tasks)
