@@ -24,7 +24,6 @@ from ._errors import (
     EncodeError,
     FrameTooLargeError,
     LimitExceededError,
-    MethodNotAllowedError,
     ProtocolError,
 )
 from ._host import ChannelHost, KeyState
@@ -43,26 +42,13 @@ from ._protocol import (
     MsgType,
     to_message,
 )
-from ._remote import error_message
+from ._remote import code_for, error_message, unsendable_result
 from ._runner import Abandoned
 
 if TYPE_CHECKING:
     from ._node import Node
 
 log = logging.getLogger("connshare.leader")
-
-_EXC_CODES: list[tuple[type[Exception], int]] = [
-    (ChannelNotFoundError, ErrorCode.NO_CHANNEL),
-    (MethodNotAllowedError, ErrorCode.NOT_ALLOWED),
-    (LimitExceededError, ErrorCode.LIMIT),
-]
-
-
-def _code_for(exc: BaseException) -> int:
-    for cls, code in _EXC_CODES:
-        if isinstance(exc, cls):
-            return code
-    return ErrorCode.RAISED
 
 
 class PeerProtocol:
@@ -391,7 +377,7 @@ class PeerProtocol:
 
     def _error(self, rid: int, exc: BaseException) -> None:
         if rid:
-            self.send(error_message(rid, exc, _code_for(exc)).to_wire())
+            self.send(error_message(rid, exc, code_for(exc)).to_wire())
 
     def _admit(self, threaded: bool) -> None:
         """Count one more request in flight (to run on a worker thread, or on the
@@ -538,14 +524,12 @@ class PeerProtocol:
                 try:
                     frame = self.codec.pack([T_RESULT, rid, value])
                 except (EncodeError, FrameTooLargeError) as e:
-                    # Said plainly: unlike an argument that cannot be sent, this
-                    # call ran, so sending it again runs it again.
-                    exc = type(e)(f"the call ran on the leader, but its result cannot be sent back: {e}")
+                    exc = unsendable_result(e)
                 else:
                     self.write(frame, on_loop)
             if exc is not None:
                 if not isinstance(exc, Exception):
                     exc = RuntimeError(repr(exc))
-                self.send(error_message(rid, exc, _code_for(exc)).to_wire())
+                self.send(error_message(rid, exc, code_for(exc)).to_wire())
         elif exc is not None and not rid:
             log.warning("leader: oneway call from pid %s raised %r", self.pid, exc)

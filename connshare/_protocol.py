@@ -368,6 +368,15 @@ class Codec:
         largest message it takes; by default this codec's ``max_frame_size``)."""
         return MessageDecoder(max_size or self.max_frame_size, self._ext_hook)
 
+    def through(self, wire: list[Any]) -> list[Any]:
+        """``wire`` as the peer would decode it: packed (raising as :meth:`pack`
+        does), then unpacked as a connection's messages are."""
+        return self.loads(self.pack(wire))
+
+    def loads(self, body: bytes) -> list[Any]:
+        """The wire array of a message this codec packed, decoded as a peer would."""
+        return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=self._ext_hook)
+
     def unpack(self, body: bytes | memoryview) -> list[Any]:
         """The wire array of one handshake frame's body, its shape checked. Raises
         ProtocolError."""

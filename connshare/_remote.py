@@ -11,6 +11,8 @@ from ._errors import (
     CallTimeoutError,
     ChannelNotFoundError,
     ConnshareError,
+    EncodeError,
+    FrameTooLargeError,
     LimitExceededError,
     MethodNotAllowedError,
     NotReadyError,
@@ -26,6 +28,28 @@ _CODE_TYPES: dict[int, type[ConnshareError]] = {
     ErrorCode.TIMEOUT: CallTimeoutError,
     ErrorCode.NOT_READY: NotReadyError,
 }
+
+
+_EXC_CODES: list[tuple[type[Exception], int]] = [
+    (ChannelNotFoundError, ErrorCode.NO_CHANNEL),
+    (MethodNotAllowedError, ErrorCode.NOT_ALLOWED),
+    (LimitExceededError, ErrorCode.LIMIT),
+]
+
+
+def code_for(exc: BaseException) -> int:
+    """The ERROR code that carries ``exc``."""
+    for cls, code in _EXC_CODES:
+        if isinstance(exc, cls):
+            return code
+    return ErrorCode.RAISED
+
+
+def unsendable_result(exc: EncodeError | FrameTooLargeError) -> EncodeError | FrameTooLargeError:
+    """What the caller gets for a result that cannot cross the wire. Said plainly:
+    unlike an argument that cannot be sent, the call ran, so sending it again runs
+    it again."""
+    return type(exc)(f"the call ran on the leader, but its result cannot be sent back: {exc}")
 
 
 def _wire_args(args: tuple) -> list:

@@ -392,3 +392,14 @@ def test_version_mismatch_is_its_own_error() -> None:
 def test_messages_are_frozen_values() -> None:
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         Ping(1).token = 2  # type: ignore[misc]
+
+
+def test_through_gives_what_a_peer_decodes_and_raises_as_pack_does() -> None:
+    codec = Codec(max_frame_size=64)
+    assert codec.through([int(MsgType.RESULT), 1, (1, (2, "x"), {"k": b"\x00"})]) == [int(MsgType.RESULT), 1, [1, [2, "x"], {"k": b"\x00"}]]
+    with pytest.raises(EncodeError):
+        codec.through([int(MsgType.RESULT), 1, {1, 2}])
+    with pytest.raises(EncodeError):
+        codec.through([int(MsgType.RESULT), 1, {1: "int keys"}])
+    with pytest.raises(FrameTooLargeError):
+        codec.through([int(MsgType.RESULT), 1, "x" * 100])
