@@ -42,6 +42,7 @@ from ._follower import FollowerConnection
 from ._host import ChannelHost
 from ._leader import PeerProtocol
 from ._loop import forbid_loop_thread, get_loop, loop_selector, on_loop_thread, stop_loop
+from ._mirror import Mirror
 from ._options import Options
 from ._polling import waits
 from ._protocol import (
@@ -118,6 +119,7 @@ class Node:
         self.port = options.port
         self.loop = get_loop()
         self.codec = Codec(options.max_frame_size, options.transcode)
+        self.mirror = Mirror(self.codec)  # for the channels that encode_locally
         self.secret: bytes = b""
         self.role = Role.ELECTING
         self.leader_pid: int | None = None
@@ -657,7 +659,7 @@ class Node:
             if route is None or route is stale:
                 route = self._route_sync(state, stale, min(deadline, start + self.options.max_wait_time))
             if type(route) is ChannelHost:
-                return self._local_sync(route, spec.name, args, kwargs, deadline)
+                return self._local_sync(route, spec.name, args, kwargs, deadline, state.options.encode_locally)
             conn, wire_id = route
             try:
                 left = timeout if stale is None else max(deadline - time.monotonic(), 0.0)
@@ -668,8 +670,12 @@ class Node:
                     raise
                 stale = route
 
-    def _local_sync(self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float) -> Any:
+    def _local_sync(self, host: ChannelHost, method: str, args: Any, kwargs: dict, deadline: float, encode: bool) -> Any:
+        if encode:
+            args, kwargs = self.mirror.args(method, args, kwargs)
         fn, is_coro = host.resolve(method)
+        if encode:
+            fn = self.mirror.wrap(fn, is_coro)
         if not is_coro:
             return fn(*args, **kwargs)
         forbid_loop_thread(f"the blocking call of coroutine method {method!r}")
@@ -690,7 +696,7 @@ class Node:
             if route is None or route is stale:
                 route = await self._route_async(state, stale, min(deadline, start + self.options.max_wait_time))
             if type(route) is ChannelHost:
-                return await self._local_async(route, spec.name, args, kwargs, deadline, loop)
+                return await self._local_async(route, spec.name, args, kwargs, deadline, loop, state.options.encode_locally)
             conn, wire_id = route
             try:
                 rid, fut = conn.request_async(
@@ -708,9 +714,13 @@ class Node:
                 stale = route
 
     async def _local_async(
-        self, host: ChannelHost, method: str, args: tuple, kwargs: dict, deadline: float, loop: asyncio.AbstractEventLoop
+        self, host: ChannelHost, method: str, args: Any, kwargs: dict, deadline: float, loop: asyncio.AbstractEventLoop, encode: bool
     ) -> Any:
+        if encode:
+            args, kwargs = self.mirror.args(method, args, kwargs)
         fn, is_coro = host.resolve(method)
+        if encode:
+            fn = self.mirror.wrap(fn, is_coro)
         left = max(deadline - time.monotonic(), 0.0)
         if is_coro and loop is not self.loop:  # the app's own loop (uvicorn's)
             waits.append(None)
@@ -732,7 +742,10 @@ class Node:
 
     def invoke_oneway(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict) -> None:
         wire = [MsgType.INVOKE, 0, 0, spec.name, list(args), kwargs, ONEWAY, None]
-        self.codec.pack(wire)  # raise EncodeError here, in the caller
+        body = self.codec.pack(wire)  # raise EncodeError here, in the caller
+        if state.options.encode_locally:  # what the call gets if this process leads
+            sent = self.codec.loads(body)
+            args, kwargs = tuple(sent[4]), sent[5]
         route = state.route
         if route is not None and type(route) is not ChannelHost:
             conn, wire[2] = route
@@ -761,13 +774,18 @@ class Node:
     # -- subscriptions and publications (any thread) --------------------------------------------
 
     def subscribe(self, state: ChannelState, method: str, reg: Any, listener: Any) -> None:
-        self.codec.pack([MsgType.SUBSCRIBE, 0, 0, method, reg])  # EncodeError in the caller
+        body = self.codec.pack([MsgType.SUBSCRIBE, 0, 0, method, reg])  # EncodeError in the caller
+        encode = state.options.encode_locally
+        if encode:  # the real client gets the reg a follower's subscription brings
+            reg = self.mirror.subscription(body)
         canon = canonical(reg)
         with state.lock:
             sub = state.subs.get((method, canon))
             new = sub is None
             if sub is None:
                 sub = state.subs[(method, canon)] = LocalSub(method, reg, canon)
+                if encode:
+                    sub.mirror = self.mirror
         sub.add(listener)
         if new:
             self.loop.call_soon_threadsafe(self._sub_route, state, sub)
@@ -819,7 +837,9 @@ class Node:
                 pass
 
     def publish(self, state: ChannelState, method: str, reg: Any) -> None:
-        self.codec.pack([MsgType.PUBLISH, 0, method, reg])  # EncodeError in the caller
+        body = self.codec.pack([MsgType.PUBLISH, 0, method, reg])  # EncodeError in the caller
+        if state.options.encode_locally:
+            reg = self.mirror.publication(body)
         with state.lock:
             state.publications[(method, canonical(reg))] = reg
         self.loop.call_soon_threadsafe(self._pub_route, state, method, reg)

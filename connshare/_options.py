@@ -30,6 +30,10 @@ def _env_single_mode() -> bool:
     return os.environ.get("CONNSHARE_SINGLE_MODE", "").lower() in ("1", "true", "yes", "on")
 
 
+def _env_encode_locally() -> bool:
+    return os.environ.get("CONNSHARE_ENCODE_LOCALLY", "").lower() in ("1", "true", "yes", "on")
+
+
 def _check(cond: bool, name: str, what: str, value: Any) -> None:
     if not cond:
         raise ConfigurationError(f"option {name!r} must be {what}, not {value!r}")
@@ -118,6 +122,13 @@ class Options:
     secret: str | bytes | None = attrs.field(default=None, validator=_secret, repr=False)
     #: User types on the wire (msgpack ext types); everything else is plain msgpack.
     transcode: Transcode | None = attrs.field(default=None, validator=_transcode)
+    #: Pass the leader's own calls (and single mode's) through the wire as a
+    #: follower's are: their arguments, results, errors and event values are
+    #: encoded and decoded, so a value a follower cannot send fails here too, a
+    #: tuple arrives as a list, and an exception is rebuilt from its type's name
+    #: and arguments. For tests and development: it costs an encode and a decode
+    #: per value. Default: env ``CONNSHARE_ENCODE_LOCALLY``.
+    encode_locally: bool = attrs.field(factory=_env_encode_locally, validator=_bool)
     #: Largest frame either side sends or accepts.
     max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_positive_int)
     #: Calls one follower may have in flight on the leader.

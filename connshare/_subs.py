@@ -14,11 +14,15 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
 from ._loop import get_loop
+
+if TYPE_CHECKING:
+    from ._host import KeyState
+    from ._mirror import Mirror
 
 #: the loop running on this thread, or None (asyncio's own fast check)
 _running_loop = asyncio._get_running_loop
@@ -124,7 +128,7 @@ def _log_task_error(task: asyncio.Future) -> None:
 class LocalSub:
     """This process's subscription to one key of one channel."""
 
-    __slots__ = ("canon", "has_value", "key_id", "listeners", "lock", "method", "reg", "value")
+    __slots__ = ("canon", "has_value", "key_id", "listeners", "lock", "method", "mirror", "reg", "value")
 
     def __init__(self, method: str, reg: Any, canon: bytes) -> None:
         self.method = method
@@ -135,6 +139,8 @@ class LocalSub:
         self.value: Any = None
         self.key_id: int | None = None  # the leader's id for it, while following
         self.lock = threading.Lock()
+        #: encode_locally: values from this process's own channel host cross the wire
+        self.mirror: Mirror | None = None
 
     def add(self, listener: Listener) -> None:
         with self.lock:
@@ -160,6 +166,10 @@ class LocalSub:
         for ls in listeners:
             ls.call(value, now)
 
-    def push(self, _key: Any, value: Any) -> None:
+    def push(self, key: KeyState, value: Any) -> None:
         """As a sink of the leader's channel host (this process leads)."""
+        if self.mirror is not None:
+            sendable, value = self.mirror.event(key)
+            if not sendable:
+                return  # as for a follower; the channel reports it
         self.deliver(value)

@@ -20,6 +20,15 @@ class AppError(Exception):
     """Loaded in every process: crosses the wire as itself."""
 
 
+#: values the leader makes for the encode_locally tests
+MADE: dict[str, Any] = {
+    "tuple": lambda: (1, (2, "x")),
+    "set": lambda: {1, 2},
+    "int_keys": lambda: {1: "a"},
+    "nested": lambda: {"a": [(1, 2), {"b": (3,)}]},
+}
+
+
 class KVClient(Base):
     """Talks to tests.upstream over one TCP connection; knows nothing of processes."""
 
@@ -41,6 +50,7 @@ class KVClient(Base):
         self._listeners: dict[str, list[Any]] = {}
         self.bumped = 0
         self.notes: list[Any] = []
+        self.regs: list[Any] = []
         threading.Thread(target=self._read, daemon=True).start()
         self.ready(True)
 
@@ -67,6 +77,7 @@ class KVClient(Base):
 
     # -- the data API ------------------------------------------------------------------
     def subscribe(self, reg: dict, listener: Any) -> None:
+        self.regs.append(reg)
         self._listeners.setdefault(reg["key"], []).append(listener)
         self._send({"op": "watch", "key": reg["key"]})
 
@@ -154,6 +165,19 @@ class KVClient(Base):
         time.sleep(seconds)
         return seconds
 
+    def make(self, kind: str) -> Any:
+        """A value made here, on the leader; some cannot cross the wire."""
+        return MADE[kind]()
+
+    def emit_made(self, key: str, kind: str) -> None:
+        """An upstream event for ``key`` whose value is ``make(kind)``."""
+        for fn in list(self._listeners.get(key, ())):
+            fn({"key": key, "value": MADE[kind](), "leader": self.pid})
+
+    def reg_types(self) -> list[str]:
+        """The type of the ``"extra"`` item of each reg this client was subscribed with."""
+        return [type(reg.get("extra")).__name__ for reg in self.regs]
+
     def trouble(self, message: str) -> None:
         """The upstream misbehaves: the real client emits an error event."""
         self.emit("error", AppError(message))
@@ -169,6 +193,10 @@ class KVClient(Base):
         """Record that this call reached the leader."""
         self.notes.append(tag)
         return tag
+
+    def note_type(self, value: Any) -> None:
+        """Record the type of what the call got (a oneway method in the tests)."""
+        self.notes.append(type(value).__name__)
 
     def noted(self) -> list[Any]:
         return list(self.notes)
