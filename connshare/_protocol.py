@@ -273,14 +273,17 @@ class ChannelError(Message):
 
 def check_keys(value: Any) -> None:
     """Raise :class:`EncodeError` where a map key is not ``str`` or ``bytes``."""
+    # msgpack packs subclasses (defaultdict, Counter, namedtuple, StrEnum) as their
+    # base: a map key they hide would otherwise reach the peer, which drops the
+    # connection it came on. The exact types go first: they are nearly all.
     t = type(value)
-    if t is dict:
+    if t is dict or (t is not list and t is not tuple and isinstance(value, dict)):
         for k, v in value.items():
-            if type(k) is not str and type(k) is not bytes:
+            if type(k) is not str and type(k) is not bytes and not isinstance(k, (str, bytes)):
                 raise EncodeError(f"map keys must be str or bytes, not {type(k).__name__}: {k!r}")
             if type(v) not in SCALARS:
                 check_keys(v)
-    elif t is list or t is tuple:
+    elif t is list or t is tuple or isinstance(value, (list, tuple)):
         for v in value:
             if type(v) not in SCALARS:  # a call per leaf would cost more than the check
                 check_keys(v)
@@ -367,11 +370,6 @@ class Codec:
         """A decoder for the messages of one open connection (``max_size``: the
         largest message it takes; by default this codec's ``max_frame_size``)."""
         return MessageDecoder(max_size or self.max_frame_size, self._ext_hook)
-
-    def through(self, wire: list[Any]) -> list[Any]:
-        """``wire`` as the peer would decode it: packed (raising as :meth:`pack`
-        does), then unpacked as a connection's messages are."""
-        return self.loads(self.pack(wire))
 
     def loads(self, body: bytes) -> list[Any]:
         """The wire array of a message this codec packed, decoded as a peer would."""

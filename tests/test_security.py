@@ -3,6 +3,7 @@ cross the wire. Real sockets, real processes; raw peers speak the protocol by ha
 
 from __future__ import annotations
 
+import collections
 import decimal
 import http.server
 import os
@@ -404,6 +405,8 @@ def test_unencodable_values_raise_in_the_caller_and_nothing_is_sent(port, spawn,
         wait_until(lambda: any(wire[0] == MsgType.INVOKE for _, wire in seen), what="the first call")
         del seen[:]
         bad_values = [{1: "int key"}, {"ok": {(1, 2): "tuple key"}}, [{None: 1}], {2.5: "x"}, Money(decimal.Decimal(1), "EUR"), {1, 2}]
+        # msgpack packs subclasses as their base: their keys are checked too
+        bad_values += [collections.defaultdict(int, {1: 2}), {"c": collections.Counter([7])}, [collections.OrderedDict({3: 4})]]
         for value in bad_values:
             err = _agent_error(lambda v=value: w.call("echo", v))
             assert err.isa("EncodeError") and err.isa("TypeError"), err.desc
