@@ -143,6 +143,15 @@ class ChannelHost:
         ks.sinks.append(sink)
         if ks.has_value and (self.broadcast or len(ks.sinks) == 1):
             sink.push(ks, ks.value)
+            if ks.unsendable is not None:
+                # The replay could not be sent: tell this sink now (the others heard
+                # when the value came), not everyone at the next value.
+                exc, ks.unsendable = ks.unsendable, None
+                to_peer = getattr(sink, "send_channel_error", None)
+                if to_peer is not None:
+                    to_peer(self, exc)
+                else:  # this process's own subscription
+                    self.state.emit_error(exc)
 
     def unsubscribe(self, ks: KeyState, sink: Sink) -> None:
         """Detach ``sink``; the last one out unsubscribes upstream."""

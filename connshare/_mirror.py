@@ -30,26 +30,35 @@ class Mirror:
     def __init__(self, codec: Codec) -> None:
         self.codec = codec
 
-    def args(self, method: str, args: tuple, kwargs: dict) -> tuple[list, dict]:
+    def args(self, method: str, args: tuple, kwargs: dict, timeout: float) -> tuple[list, dict]:
         """A call's arguments as the leader would get them. Raises as a follower's
         caller would, before the call runs."""
-        wire = self.codec.through([T_INVOKE, 0, 0, method, args, kwargs, 0, None])
+        wire = self.decode(self.codec.pack([T_INVOKE, 0, 0, method, args, kwargs, 0, float(timeout)]))
         return wire[4], wire[5]
 
     def subscription(self, body: bytes) -> Any:
         """The ``reg`` of a SUBSCRIBE message this codec packed."""
-        return self.codec.loads(body)[4]
+        return self.decode(body)[4]
 
     def publication(self, body: bytes) -> Any:
         """The ``reg`` of a PUBLISH message this codec packed."""
-        return self.codec.loads(body)[3]
+        return self.decode(body)[3]
 
     def result(self, value: Any) -> Any:
         try:
-            return self.codec.through([T_RESULT, 0, value])[2]
+            return self.decode(self.codec.pack([T_RESULT, 0, value]))[2]
         except (EncodeError, FrameTooLargeError) as exc:
             remote = self.error(unsendable_result(exc))
         raise remote from remote.__cause__
+
+    def decode(self, body: bytes) -> list:
+        """The wire array of a message this codec packed, as the peer would decode
+        it. What the peer would fail to decode (a ``transcode.decode`` that raises)
+        raises EncodeError here, as the sender's error."""
+        try:
+            return self.codec.loads(body)
+        except Exception as exc:
+            raise EncodeError(f"the wire would not decode this value: {exc!r}") from exc
 
     def error(self, exc: Exception) -> Exception:
         """``exc`` as a follower's caller would get it: rebuilt, its traceback
@@ -62,7 +71,7 @@ class Mirror:
         frame = ks.event_frame(self.codec)
         if frame is None:
             return False, None
-        return True, self.codec.loads(frame)[2]
+        return True, self.decode(frame)[2]
 
     def wrap(self, fn: Callable[..., Any], is_coro: bool) -> Callable[..., Any]:
         """``fn`` with its result and its exceptions passed through the wire."""
@@ -74,8 +83,9 @@ class Mirror:
                     value = await fn(*args, **kwargs)
                 except Exception as exc:
                     remote = self.error(exc)
-                    raise remote from remote.__cause__
-                return self.result(value)
+                else:
+                    return self.result(value)
+                raise remote from remote.__cause__  # outside the except: no __context__
 
             return acall
 
@@ -85,7 +95,8 @@ class Mirror:
                 value = fn(*args, **kwargs)
             except Exception as exc:
                 remote = self.error(exc)
-                raise remote from remote.__cause__
-            return self.result(value)
+            else:
+                return self.result(value)
+            raise remote from remote.__cause__  # outside the except: no __context__
 
         return call

@@ -672,7 +672,7 @@ class Node:
 
     def _local_sync(self, host: ChannelHost, method: str, args: Any, kwargs: dict, deadline: float, encode: bool) -> Any:
         if encode:
-            args, kwargs = self.mirror.args(method, args, kwargs)
+            args, kwargs = self.mirror.args(method, args, kwargs, deadline - time.monotonic())
         fn, is_coro = host.resolve(method)
         if encode:
             fn = self.mirror.wrap(fn, is_coro)
@@ -717,7 +717,7 @@ class Node:
         self, host: ChannelHost, method: str, args: Any, kwargs: dict, deadline: float, loop: asyncio.AbstractEventLoop, encode: bool
     ) -> Any:
         if encode:
-            args, kwargs = self.mirror.args(method, args, kwargs)
+            args, kwargs = self.mirror.args(method, args, kwargs, deadline - time.monotonic())
         fn, is_coro = host.resolve(method)
         if encode:
             fn = self.mirror.wrap(fn, is_coro)
@@ -737,14 +737,18 @@ class Node:
                     raise ClientClosedError(f"cannot run {method!r}: the event loop's executor is shut down ({exc})") from exc
                 return await asyncio.wait_for(job, left)
             return await asyncio.wait_for(fn(*args, **kwargs), left)
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as exc:
+            # wait_for's own timeout comes from the call's cancellation; a
+            # TimeoutError the method raised is the method's, as in a follower
+            if not isinstance(exc.__cause__, asyncio.CancelledError):
+                raise
             raise CallTimeoutError(f"{method!r} did not finish in time") from None
 
     def invoke_oneway(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict) -> None:
         wire = [MsgType.INVOKE, 0, 0, spec.name, list(args), kwargs, ONEWAY, None]
         body = self.codec.pack(wire)  # raise EncodeError here, in the caller
         if state.options.encode_locally:  # what the call gets if this process leads
-            sent = self.codec.loads(body)
+            sent = self.mirror.decode(body)
             args, kwargs = tuple(sent[4]), sent[5]
         route = state.route
         if route is not None and type(route) is not ChannelHost:
@@ -775,10 +779,12 @@ class Node:
 
     def subscribe(self, state: ChannelState, method: str, reg: Any, listener: Any) -> None:
         body = self.codec.pack([MsgType.SUBSCRIBE, 0, 0, method, reg])  # EncodeError in the caller
+        # Keyed by the caller's reg, as unsubscribe() will be: a decoded copy of a
+        # user type may not repr() the same.
+        canon = canonical(reg)
         encode = state.options.encode_locally
         if encode:  # the real client gets the reg a follower's subscription brings
             reg = self.mirror.subscription(body)
-        canon = canonical(reg)
         with state.lock:
             sub = state.subs.get((method, canon))
             new = sub is None

@@ -26,6 +26,7 @@ def describe(exc: BaseException) -> dict:
         "args": [a if isinstance(a, (str, int, float, bool, type(None))) else repr(a) for a in exc.args],
         "remote_traceback": getattr(exc, "remote_traceback", None),
         "cause": type(exc.__cause__).__name__ if exc.__cause__ else None,
+        "context": type(exc.__context__).__name__ if exc.__context__ else None,
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
 

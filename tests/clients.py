@@ -86,6 +86,8 @@ class KVClient(Base):
         self._send({"op": "unwatch", "key": reg["key"]})
 
     def publish(self, reg: Any) -> None:
+        if isinstance(reg, dict):
+            self.regs.append(reg)
         self._send({"op": "publish", "reg": reg})
 
     def get(self, key: str) -> Any:
@@ -175,8 +177,15 @@ class KVClient(Base):
             fn({"key": key, "value": MADE[kind](), "leader": self.pid})
 
     def reg_types(self) -> list[str]:
-        """The type of the ``"extra"`` item of each reg this client was subscribed with."""
+        """The type of the ``"extra"`` item of each reg this client was subscribed or
+        published with."""
         return [type(reg.get("extra")).__name__ for reg in self.regs]
+
+    async def araise_timeout(self) -> None:
+        raise TimeoutError("upstream timed out", 3)
+
+    def raise_timeout(self) -> None:
+        raise TimeoutError("upstream timed out", 3)
 
     def trouble(self, message: str) -> None:
         """The upstream misbehaves: the real client emits an error event."""

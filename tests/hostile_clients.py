@@ -37,6 +37,10 @@ class BlastClient(Base):
         """What reached this real client: echo() calls and keys subscribed."""
         return {"echo": self.calls, "subscribed": list(self.subscribed)}
 
+    def listening(self) -> list[str]:
+        """The keys this real client has listeners for now."""
+        return sorted(self.listeners)
+
     def unsubscribe(self, reg: dict, listener: Any = None) -> None:
         self.listeners.pop(reg["key"], None)
 
