@@ -151,6 +151,8 @@ class AppServer:
         self.log = workdir / f"{kind}-{workers}w-{time.monotonic_ns()}.log"
         self.pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="http")
         self.proc: subprocess.Popen | None = None
+        #: every answer a sweep got
+        self.answers: list[dict] = []
         for _ in range(3):
             self.port = free_port()
             if kind == "gunicorn":
@@ -235,7 +237,9 @@ class AppServer:
             except Exception as exc:
                 return exc
 
-        return list(self.pool.map(lambda _: one(), range(n)))
+        got = list(self.pool.map(lambda _: one(), range(n)))
+        self.answers.extend(r for r in got if not isinstance(r, Exception))
+        return got
 
     def wait_all(self, pred: Callable[[dict], bool], what: str, timeout: float = 45) -> tuple[dict[int, dict], list[Exception]]:
         """Poll over HTTP until every one of the ``workers`` live worker pids has

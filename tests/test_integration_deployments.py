@@ -129,6 +129,10 @@ def test_app_server_shares_one_redis_client(kind: str, redis_server: RedisServer
     assert single_leader(responses) == new_leader
     assert not failures, failures
     wait_connections(redis_server, name, baseline, "after the kill")
+    # The key held a value before the app started: a worker (the first ones, or
+    # the one that replaced the leader) answers only once it holds it.
+    unsettled = [a for a in app.answers if a["value"] is None]
+    assert not unsettled, f"{len(unsettled)} of {len(app.answers)} answers came before the worker held the values: {unsettled[:3]}"
     after = redis_server.connection_ids(name)
     assert not after & before_kill, "the killed leader's connections are still open"
     print(f"{kind}: connections after the leader was killed and replaced: {len(after)} (none of the old ones)")

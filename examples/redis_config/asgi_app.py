@@ -5,7 +5,8 @@ connections.
         uvicorn examples.redis_config.asgi_app:app --workers 4 --host 127.0.0.1 --port 8001
 
 uvicorn starts its workers with the ``spawn`` method: each imports this module anew.
-The client is created in the lifespan's startup, inside each worker's event loop, and
+The client is created in the lifespan's startup, inside each worker's event loop
+(which serves only once the client is ready and holds the first values), and
 closed at its shutdown (a clean exit hands the leadership on at once). The leader runs
 :class:`AsyncRedisConfigClient` (``redis.asyncio``) on connshare's own loop; the
 subscription listeners run on the worker's loop, since they were registered from it.
@@ -37,6 +38,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     config = AsyncConfigClient.from_env()
     app.state.config = config
     try:
+        # Serve once the values are in: a worker that answers before would
+        # answer None for a key that holds a value (a new worker, on a recycle).
+        await config.asettle(10.0)
         yield
     finally:
         await config.aclose()

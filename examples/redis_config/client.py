@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Container, Iterable
 from typing import Any, ClassVar, TypeVar, cast
@@ -501,6 +502,22 @@ class ConfigClient(APIClientBase):
             return False
         with self._cond:
             return self._cond.wait_for(lambda: self._watched.keys() <= self._cache.keys(), timeout)
+
+    async def asettle(self, timeout: float = 10.0) -> bool:
+        """:meth:`settle` for an event loop (an ASGI app's lifespan). Listeners
+        registered from this loop run on it, so this waits without blocking it."""
+        deadline = time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(self.ready(), timeout)
+        except Exception:  # TimeoutError, NotReadyError
+            return False
+        while True:
+            with self._cond:
+                if self._watched.keys() <= self._cache.keys():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.005)
 
     def has(self, key: str) -> bool:
         """True once ``key``'s value (possibly None: unset) has arrived."""
