@@ -51,6 +51,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("connshare.leader")
 
 
+#: how long after a hang-up in the handshake the peer's process is looked for
+HANGUP_CHECK_S = 0.5
+
+
+def _report_hangup(addr: Any, pid: int | None) -> None:
+    """Log a peer that hung up on our proof: a warning if its process lives on
+    (most likely another secret), else a note (it was exiting). A peer in another
+    pid namespace may be missed: it then raised AuthenticationError itself."""
+    import psutil  # rarely needed: not worth its memory in every worker
+
+    try:
+        alive = pid is not None and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        alive = False
+    if alive:
+        log.warning("leader: peer %s (pid %s) hung up during the handshake and lives on: another secret, or it closed just then", addr, pid)
+    else:
+        log.info("leader: peer %s (pid %s) hung up during the handshake as it exited", addr, pid)
+
+
 class PeerProtocol:
     """One follower, as the leader sees it."""
 
@@ -123,10 +143,9 @@ class PeerProtocol:
         if not n:
             if not self.open and self.handshake.state is HandshakeState.SENT_CHALLENGE:
                 # What a connshare follower with another secret does on our proof;
-                # or one that was killed or closed just then (churn at shutdown).
-                log.warning(
-                    "leader: peer %s (pid %s) hung up during the handshake: another secret, or it exited or closed", self.addr, self.pid
-                )
+                # or one that was leaving just then (a worker recycled as it
+                # connected). Which, its pid tells a moment later.
+                self.loop.call_later(HANGUP_CHECK_S, _report_hangup, self.addr, self.pid)
             self._lost("closed the connection in the middle of a message" if (self.stream or self.decoder).buffered else None)
             return
         self.data_received(memoryview(buf)[:n])

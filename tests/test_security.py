@@ -6,11 +6,15 @@ from __future__ import annotations
 import collections
 import decimal
 import http.server
+import logging
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +34,8 @@ from connshare._secret import load_or_create_secret, secret_dir, secret_path
 from tests.harness import AgentError, wait_until
 from tests.hostile_clients import TRANSCODE, BlastClient, Money, blast_spec, in_process_leader
 from tests.rawpeer import HEADER, FakeServer, LogCapture, RawPeer, hs_pack, pack, unpack_first
+
+ROOT = Path(__file__).resolve().parent.parent
 
 SECRET = "the secret of this app, 32 chars"
 OTHER = "the secret of another app, too!!"
@@ -257,8 +263,32 @@ def test_a_follower_with_another_secret_gets_authentication_error(port, spawn, l
         assert good.ready()["leader_pid"] == os.getpid()
         assert good.call("echo", "fine") == "fine"
         assert leader.history()["echo"] == 1  # only the good follower's call ran
-        # the leader logs the peer that gave up on its proof
-        wait_until(lambda: any(f"pid {bad.pid}" in m and "handshake" in m for m in logs.messages()), what="a log naming the bad follower")
+        # the leader warns of the peer that gave up on its proof and lives on
+        wait_until(
+            lambda: any(f"pid {bad.pid}" in m and "another secret" in m for m in logs.messages()), what="a warning naming the bad follower"
+        )
+
+
+_HANG_UP_AND_EXIT = """
+import os, sys
+from tests.rawpeer import RawPeer
+peer = RawPeer(int(sys.argv[1]))
+peer.hello()  # the leader's challenge: hang up on it, as a worker recycled just then
+print(os.getpid())
+"""
+
+
+def test_a_peer_that_exits_during_the_handshake_is_noted_not_warned_of(port, logs) -> None:
+    with in_process_leader(port, secret=SECRET):
+        mark = logs.mark()
+        done = subprocess.run([sys.executable, "-c", _HANG_UP_AND_EXIT, str(port)], cwd=ROOT, timeout=60, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        pid = int(done.stdout)
+        wait_until(
+            lambda: any(f"pid {pid}" in m and "as it exited" in m for m in logs.messages(logging.INFO, since=mark)),
+            what="a note of the peer that exited",
+        )
+        assert not [m for m in logs.messages(since=mark) if "handshake" in m]
 
 
 # -- 2. somebody else holds the port ----------------------------------------------------------
