@@ -95,7 +95,10 @@ def test_the_leaders_own_listeners_and_real_client_get_what_the_wire_brings(port
     reg = {"key": "k", "extra": (1, 2)}
     leader.subscribe(reg, "L")  # first: the real client gets the leader's reg
     follower.subscribe(reg, "F")
-    wait_until(lambda: leader.call("reg_types") == ["list" if encode else "tuple"], what="the upstream subscription")
+    kind = "list" if encode else "tuple"
+    wait_until(lambda: leader.call("reg_types") == [kind], what="the upstream subscription")
+    leader.request("publish", "0", {"extra": (3,)})  # publications too
+    wait_until(lambda: leader.call("reg_types") == [kind, kind], what="the publication")
 
     def both_got(pred: Any) -> tuple[Any, Any]:
         leader.call("emit_made", "k", "tuple")  # until the follower's subscription is live too
