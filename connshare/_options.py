@@ -26,12 +26,13 @@ def _env_port() -> int:
         raise ConfigurationError(f"CONNSHARE_PORT must be a port number, not {raw!r}") from None
 
 
-def _env_single_mode() -> bool:
-    return os.environ.get("CONNSHARE_SINGLE_MODE", "").lower() in ("1", "true", "yes", "on")
+def _env_flag(name: str) -> Callable[[], bool]:
+    """A default read from the environment variable ``name`` ("1", "true", "yes", "on")."""
 
+    def read() -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
 
-def _env_encode_locally() -> bool:
-    return os.environ.get("CONNSHARE_ENCODE_LOCALLY", "").lower() in ("1", "true", "yes", "on")
+    return read
 
 
 def _check(cond: bool, name: str, what: str, value: Any) -> None:
@@ -115,7 +116,7 @@ class Options:
     is_broadcast: bool = attrs.field(default=True, validator=_bool)
     #: No port, no peers: every client of a name in this process shares one real
     #: client. Default: env ``CONNSHARE_SINGLE_MODE``.
-    single_mode: bool = attrs.field(factory=_env_single_mode, validator=_bool)
+    single_mode: bool = attrs.field(factory=_env_flag("CONNSHARE_SINGLE_MODE"), validator=_bool)
     #: Delegate subscribe/unsubscribe/publish/close and every public method.
     auto_generate: bool = attrs.field(default=False, validator=_bool)
     #: Shared secret; ``None``: a random key in a 0600 per-user file, keyed by port.
@@ -128,7 +129,7 @@ class Options:
     #: tuple arrives as a list, and an exception is rebuilt from its type's name
     #: and arguments. For tests and development: it costs an encode and a decode
     #: per value. Default: env ``CONNSHARE_ENCODE_LOCALLY``.
-    encode_locally: bool = attrs.field(factory=_env_encode_locally, validator=_bool)
+    encode_locally: bool = attrs.field(factory=_env_flag("CONNSHARE_ENCODE_LOCALLY"), validator=_bool)
     #: Largest frame either side sends or accepts.
     max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_positive_int)
     #: Calls one follower may have in flight on the leader.
