@@ -501,7 +501,11 @@ class ConfigClient(APIClientBase):
         except Exception:  # TimeoutError, NotReadyError
             return False
         with self._cond:
-            return self._cond.wait_for(lambda: self._watched.keys() <= self._cache.keys(), timeout)
+            return self._cond.wait_for(self._settled, timeout)
+
+    def _settled(self) -> bool:
+        """Every watched key's first value has arrived (call with ``_cond`` held)."""
+        return self._watched.keys() <= self._cache.keys()
 
     async def asettle(self, timeout: float = 10.0) -> bool:
         """:meth:`settle` for an event loop (an ASGI app's lifespan). Listeners
@@ -513,7 +517,7 @@ class ConfigClient(APIClientBase):
             return False
         while True:
             with self._cond:
-                if self._watched.keys() <= self._cache.keys():
+                if self._settled():
                     return True
             if time.monotonic() >= deadline:
                 return False
