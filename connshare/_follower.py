@@ -440,21 +440,12 @@ class FollowerConnection:
             except (OSError, ValueError):
                 pass  # the connection ended and its socket is closed
             p = self._send_then_pend(rid, frame, timeout)
-            lock: Any = p.lock
             deadline = time.monotonic() + timeout
-            spin = self._spin
-            while lock.locked() and not self._finished and time.monotonic() < deadline:
-                if spin is None:
-                    mine = self._read_once(0, rid)
-                else:  # first poll, then (if that found nothing) sleep in recv
-                    mine = self._poll_for(spin, rid, deadline)
-                    spin = None
-                # Our answer, alone in its read, goes straight back to us; unless
-                # the request was failed meanwhile (its lock tells the outcome).
-                if mine is not None and self.pending.pop(rid, None) is not None:
-                    if self.draining and not self.pending:
-                        self.close()
-                    return mine[2]
+            mine = self._read_own_answer(p.lock, rid, deadline)
+            if mine is not None:
+                if self.draining and not self.pending:
+                    self.close()
+                return mine[2]
         except BaseException:
             self.pending.pop(rid, None)  # interrupted: nobody takes its answer now
             raise
@@ -465,6 +456,28 @@ class FollowerConnection:
                 pass
             rtoken.release()
         return self._outcome(rid, p, deadline, timeout)
+
+    def _read_own_answer(self, lock: Any, rid: int, deadline: float) -> list | None:
+        """request_sync's reads, until its answer comes (returned if it came alone
+        in its read), ``lock`` (its Pending's) is released, or ``deadline``.
+
+        A frame of its own, with no handler: CPython 3.13 and 3.14 can raise an
+        interrupt (Ctrl-C) that lands on a loop's backward jump past every handler
+        of the frame it lands in (python/cpython#130279), and a caller waits here
+        for most of its call. Raised here, it reaches request_sync's handlers,
+        which give the read token back."""
+        spin = self._spin
+        while lock.locked() and not self._finished and time.monotonic() < deadline:
+            if spin is None:
+                mine = self._read_once(0, rid)
+            else:  # first poll, then (if that found nothing) sleep in recv
+                mine = self._poll_for(spin, rid, deadline)
+                spin = None
+            # Our answer, alone in its read, goes straight back to us; unless the
+            # request was failed meanwhile (its lock tells the outcome).
+            if mine is not None and self.pending.pop(rid, None) is not None:
+                return mine
+        return None
 
     def _send_then_pend(self, rid: int, frame: bytes, timeout: float, *pending: Any) -> Pending:
         """With the read token held: send request ``rid``, then make its

@@ -3,6 +3,7 @@ and runs commands on them, and streams subscription events back."""
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import importlib
 import logging
@@ -79,6 +80,9 @@ class Agent:
                 # runs its atexit hooks; no client is closed by the app.
                 self.send(("reply", cmd_id, True, None))
                 return
+            if op == "call_in_main":  # where Ctrl-C's KeyboardInterrupt lands
+                self.serve(cmd_id, op, args)
+                continue
             threading.Thread(target=self.serve, args=(cmd_id, op, args), daemon=True).start()
 
     def serve(self, cmd_id: int, op: str, args: tuple) -> None:
@@ -337,8 +341,10 @@ class Agent:
         return None if conn is None else id(conn)
 
     def op_pending(self, cid: str) -> int:
-        """Requests the client's connection to the leader waits for answers to."""
-        return len(self.clients[cid]._node.conn.pending)
+        """Requests the client's connection to the leader waits for answers to (0
+        while it has none: a connection that ended failed what it awaited)."""
+        conn = self.clients[cid]._node.conn
+        return 0 if conn is None else len(conn.pending)
 
     def op_close_counting_calls_left(self, cid: str) -> int:
         """close() the client; then how many coroutine calls (this process's own
@@ -362,6 +368,27 @@ class Agent:
         s = self.loopers.pop(name)
         s["thread"].join(timeout)
         return s["box"].get("result", ("running", None))
+
+    def op_call_in_main(self, cid: str, method: str, args: list, interrupt_main: bool = False) -> tuple[str, Any]:
+        """One blocking call on the main thread (no other op is read meanwhile);
+        its outcome, KeyboardInterrupt included. ``interrupt_main``: once the call
+        reads its answer, ``_thread.interrupt_main()`` (what pytest-timeout's
+        thread method and others use): no signal ends the caller's recv, and the
+        main thread notices at its next check, between reads."""
+        if interrupt_main:
+            conn = self.clients[cid]._node.conn
+
+            def interrupt() -> None:
+                deadline = time.monotonic() + 10
+                while not (conn.pending and conn._rtoken.locked()) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                _thread.interrupt_main()
+
+            threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            return ("ok", getattr(self.clients[cid], method)(*args))
+        except BaseException as exc:
+            return ("raised", describe(exc))
 
     def op_interrupt_call(self, name: str) -> None:
         """Raise KeyboardInterrupt in that call's thread, as Ctrl-C would in a main thread."""

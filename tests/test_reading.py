@@ -6,6 +6,7 @@ Either side may poll before it sleeps (``spin_wait``, ``leader_spin_wait``)."""
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -108,6 +109,34 @@ def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, 
     upstream.set("k", "v")
     follower.wait_event("k", lambda v: v["value"] == "v")
     assert follower.request("conn_id", "0") == conn_before
+
+
+@pytest.mark.parametrize("how", ["signal", "interrupt_main"])
+def test_ctrl_c_in_a_callers_main_thread_leaves_the_client_working(port, upstream, spawn, how: str) -> None:
+    # Python raises KeyboardInterrupt in the main thread. A SIGINT from another
+    # process (Ctrl-C) usually ends the caller's recv; _thread.interrupt_main()
+    # does not, and the main thread notices at its next check, between reads. On
+    # CPython 3.14 that check is a loop's backward jump, which skips the handlers
+    # of its frame (python/cpython#130279): while the read loop sat in
+    # request_sync's frame, the caller kept the read token and every later call
+    # timed out. (An interrupt that ends the recv ends the connection instead, as
+    # what the recv read is unknown: the node reconnects.)
+    leader, follower = _pair(spawn, port, upstream.port, heartbeat_interval=None)
+    follower.subscribe({"key": "k"}, "k")
+    follower.wait_event("k", lambda v: v["value"] is None)
+    conn_before = follower.request("conn_id", "0")
+    with ThreadPoolExecutor(1) as pool:
+        call = pool.submit(follower.request, "call_in_main", "0", "sleep", [30.0], how == "interrupt_main")
+        if how == "signal":
+            wait_until(lambda: leader.request("inflight", "0") == 1, 10, what="the call running on the leader")
+            follower.kill(signal.SIGINT)
+        status, desc = call.result(20)
+    assert status == "raised" and desc["type"] == "KeyboardInterrupt", desc
+    if follower.request("conn_id", "0") == conn_before:
+        assert follower.request("pending", "0") == 0, "the interrupted call is still awaited"
+    assert follower.call("whoami") == leader.role()["pid"]
+    upstream.set("k", "v")
+    follower.wait_event("k", lambda v: v["value"] == "v")
 
 
 def test_a_caller_interrupted_while_another_reads_is_no_longer_awaited(port, upstream, spawn) -> None:
