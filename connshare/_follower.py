@@ -886,14 +886,20 @@ class FollowerConnection:
         if self._ep is not None:
             self._ep.close()
         with self._reg_lock:
-            for loop in list(self._watching):
-                try:
-                    loop.call_soon_threadsafe(self._unwatch, loop)
-                except RuntimeError:
-                    self._watching.discard(loop)
+            self._unwatch_all()
             self._close_deferred = bool(self._watching)
         if not self._close_deferred:
             self._close_sock()
+
+    def _unwatch_all(self) -> None:
+        """Under ``_reg_lock``: have every loop watching the socket stop. A loop in
+        a frame of its own, so that an interrupt cannot skip the lock's release
+        (see _read_own_answer)."""
+        for loop in list(self._watching):
+            try:
+                loop.call_soon_threadsafe(self._unwatch, loop)
+            except RuntimeError:
+                self._watching.discard(loop)
 
     def _close_sock(self) -> None:
         with self.send_lock:  # no sender may hold the fd number while it is reused
@@ -973,13 +979,18 @@ class FollowerConnection:
         batch: dict = {}
         self._settled_here = 0
         try:
-            while backlog:
-                self._handle(backlog.popleft(), batch)
+            self._handle_all(backlog, batch)
         finally:
             for loop, items in batch.items():
                 _wake(loop, items)
             if self._settled_here:
                 self._settled_mine(self._settled_here)
+
+    def _handle_all(self, backlog: deque[list], batch: dict) -> None:
+        # A loop in a frame of its own: an interrupt of a reading caller must not
+        # skip _drain's wake-ups (see _read_own_answer).
+        while backlog:
+            self._handle(backlog.popleft(), batch)
 
     def _settled_mine(self, mine: int) -> None:
         """A read settled ``mine`` answers of the reading loop's own callers in place."""

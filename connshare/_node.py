@@ -825,12 +825,8 @@ class Node:
 
     def unsubscribe(self, state: ChannelState, reg: Any, listener: Any) -> None:
         canon = canonical(reg)
-        gone = []
         with state.lock:
-            for key, sub in list(state.subs.items()):
-                if sub.canon == canon and sub.remove(listener):
-                    del state.subs[key]
-                    gone.append(sub)
+            gone = _drop_listener(state, canon, listener)
         for sub in gone:
             self.loop.call_soon_threadsafe(self._unsub_route, state, sub)
 
@@ -984,15 +980,34 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _EXIT_GRACE_S = 5.0
 
 
+def _drop_listener(state: ChannelState, canon: bytes, listener: Any) -> list[LocalSub]:
+    """Under ``state.lock``: drop ``listener`` from the subscriptions to ``canon``;
+    those left with none, taken out of ``state.subs``. (A loop in a frame of its
+    own, so that an interrupt cannot skip the lock's release: see _subs._without.)"""
+    gone = []
+    for key, sub in list(state.subs.items()):
+        if sub.canon == canon and sub.remove(listener):
+            del state.subs[key]
+            gone.append(sub)
+    return gone
+
+
+def _mark_closing(nodes: list[Node]) -> list[Node]:
+    """Under ``_nodes_lock``: the nodes not closing yet, marked closing (in a frame
+    of its own, as _drop_listener)."""
+    fresh = [n for n in nodes if not n.closing]
+    for n in fresh:
+        n.closing = True
+    return fresh
+
+
 def _close_at_exit() -> None:
     """At interpreter exit: close the nodes the app left open, as its close() would
     (a leader hands off), then stop connshare's loop. A loop thread left running
     into the interpreter's finalization crashes the process under uvloop."""
     with _nodes_lock:
         nodes = list(_nodes.values())
-        fresh = [n for n in nodes if not n.closing]
-        for n in fresh:
-            n.closing = True
+        fresh = _mark_closing(nodes)
     done = [n._closed_cf for n in nodes]
     for n in fresh:
         try:

@@ -125,6 +125,13 @@ def _log_task_error(task: asyncio.Future) -> None:
         log.error("subscription listener raised", exc_info=task.exception())
 
 
+def _without(listeners: list[Listener], fn: Callable[[Any], Any]) -> list[Listener]:
+    # A loop in a frame of its own, called under a lock: on CPython 3.13 and 3.14
+    # an interrupt (Ctrl-C) that lands on a loop's backward jump skips every
+    # handler of that loop's frame (python/cpython#130279), a ``with``'s exit too.
+    return [ls for ls in listeners if ls.fn != fn]
+
+
 class LocalSub:
     """This process's subscription to one key of one channel."""
 
@@ -155,7 +162,7 @@ class LocalSub:
             if fn is None:
                 self.listeners.clear()
             else:
-                self.listeners = [ls for ls in self.listeners if ls.fn != fn]
+                self.listeners = _without(self.listeners, fn)
             return not self.listeners
 
     def deliver(self, value: Any, now: list | None = None) -> None:
