@@ -182,7 +182,7 @@ class FollowerConnection:
         decoder: MessageDecoder,
         peer_pid: int | None,
         on_lost: Callable[[FollowerConnection, BaseException], None],
-        on_frame: Callable[[FollowerConnection, list], None],
+        on_frame: Callable[[FollowerConnection, list, list | None], None],
         home: asyncio.AbstractEventLoop,
         wait_in_place: float = 0.0,
         spin_wait: float = 0.0,
@@ -1040,7 +1040,7 @@ class FollowerConnection:
         elif t == MsgType.PONG:
             pass
         elif t in (MsgType.GOODBYE, MsgType.CHANNEL_ERROR):
-            self._on_frame(self, wire)
+            self._on_frame(self, wire, self._now)
         else:
             raise ProtocolError(f"unexpected {MsgType(t).name} from the leader")
         if self.draining and not self.pending:

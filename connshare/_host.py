@@ -18,7 +18,7 @@ from ._errors import EncodeError, FrameTooLargeError, MethodNotAllowedError, Not
 from ._loop import on_loop_thread
 from ._protocol import Codec, MsgType
 from ._spec import ChannelState, MethodSpec
-from ._subs import keep
+from ._subs import Listener, keep
 
 log = logging.getLogger("connshare.host")
 
@@ -105,7 +105,8 @@ class ChannelHost:
             self.loop.call_soon_threadsafe(self._fan_error, exc)
 
     def _fan_error(self, exc: BaseException) -> None:
-        self.state.emit_error(exc)
+        # after the listeners of the values before it, as in a follower
+        Listener.home(self.state.emit_error).call(exc)
         for peer in list(self.peers):
             peer.send_channel_error(self, exc)
 

@@ -57,7 +57,7 @@ from ._remote import exception_from
 from ._runner import CoroRunner
 from ._secret import load_or_create_secret
 from ._spec import Avail, ChannelState, MethodSpec
-from ._subs import LocalSub, canonical
+from ._subs import Listener, LocalSub, canonical
 from ._workers import WorkerPool
 
 log = logging.getLogger("connshare.node")
@@ -572,8 +572,12 @@ class Node:
         if self._conn_done is not None and not self._conn_done.done():
             self._conn_done.set_result(None)
 
-    def _on_conn_frame(self, conn: FollowerConnection, wire: list) -> None:
-        self.loop.call_soon_threadsafe(self._conn_frame, conn, wire)
+    def _on_conn_frame(self, conn: FollowerConnection, wire: list, now: list | None) -> None:
+        if wire[0] == MsgType.CHANNEL_ERROR:
+            # After the listeners of the events read before it, before those after.
+            Listener.home(functools.partial(self._conn_frame, conn)).call(wire, now)
+        else:
+            self.loop.call_soon_threadsafe(self._conn_frame, conn, wire)
 
     def _conn_frame(self, conn: FollowerConnection, wire: list) -> None:
         if wire[0] == MsgType.GOODBYE:

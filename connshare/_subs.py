@@ -94,6 +94,14 @@ class Listener:
         except RuntimeError:  # that loop was closed under us
             pass
 
+    @classmethod
+    def home(cls, fn: Callable[[Any], Any]) -> Listener:
+        """``fn`` (not a coroutine function) as a listener of connshare's loop: it
+        runs there in order with the event listeners that run there."""
+        ls = cls.__new__(cls)
+        ls.fn, ls.is_coro, ls.loop = fn, False, None
+        return ls
+
     def _run_queued(self, value: Any) -> None:
         _queued_home.pop()
         self.run(value)

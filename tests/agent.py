@@ -61,8 +61,14 @@ class Agent:
         self.clients = {s.get("id", str(i)): build(s) for i, s in enumerate(specs)}
         self.errors: dict[str, list] = {cid: [] for cid in self.clients}
         for cid, c in self.clients.items():
-            c.on("error", lambda exc, cid=cid: self.errors[cid].append(describe(exc)))
+            c.on("error", lambda exc, cid=cid: self._note_error(cid, exc))
         self.loopers: dict[str, Any] = {}
+
+    def _note_error(self, cid: str, exc: BaseException) -> None:
+        """Keep an error event, and send it as an event tagged ``error:<cid>``, in
+        its place among the listeners' events."""
+        self.errors[cid].append(describe(exc))
+        self.send(("event", f"error:{cid}", type(exc).__name__, {}))
 
     def send(self, msg: Any) -> None:
         with self.lock:
@@ -287,16 +293,16 @@ class Agent:
         self.goodbye_held = threading.Event()
         on_frame, send = conn._on_frame, conn.send
 
-        def hold(c: Any, wire: list) -> None:
+        def hold(c: Any, wire: list, now: list | None) -> None:
             if wire[0] == MsgType.GOODBYE and not held:
                 held.append(wire)
             else:
-                on_frame(c, wire)
+                on_frame(c, wire, now)
 
         def send_then_goodbye(frame: bytes, timeout: float | None = None) -> None:
             send(frame, timeout)
             if held and not self.goodbye_held.is_set():
-                on_frame(conn, held[0])
+                on_frame(conn, held[0], None)
                 handled = threading.Event()
                 node.loop.call_soon_threadsafe(handled.set)  # queued behind the GOODBYE
                 handled.wait(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
 import time
 
@@ -20,7 +21,7 @@ from connshare import (
 )
 from tests.clients import AppError, CounterClient, KVClient
 from tests.conftest import kv_spec
-from tests.harness import AgentError, wait_until
+from tests.harness import AgentError, Worker, wait_until
 
 
 def test_four_processes_share_one_upstream_connection(port, upstream, spawn) -> None:
@@ -565,3 +566,35 @@ def test_blocking_methods_run_on_workers_unless_delegated_inline(port, upstream,
         leader, follower = follower, leader
     assert follower.call("thread_name").startswith("connshare-worker")
     assert follower.call("thread_name_inline") == "connshare-loop"
+
+
+def test_every_process_hears_of_a_value_the_wire_cannot_carry_in_its_place_among_the_values(port, upstream, spawn) -> None:
+    # The follower reads the report and the next value in one recv (stopped while
+    # they are sent): the report's listeners ran a loop turn late, after the next
+    # value's, and the leader's before the listeners of the value it was about.
+    delegates = ["emit_made", "aecho"]
+    leader, follower = spawn(
+        [kv_spec(port, upstream.port, delegates=delegates, is_leader=True)],
+        [kv_spec(port, upstream.port, delegates=delegates, is_leader=False)],
+    )
+    leader.ready()
+    follower.ready()
+    leader.subscribe({"key": "k"}, "k")
+    follower.subscribe({"key": "k"}, "k")
+    for w in (leader, follower):
+        w.wait_event("k")  # the upstream's first value: the subscription is live
+    follower.kill(signal.SIGSTOP)
+    try:
+        leader.call("emit_made", "k", "set")
+        leader.call("emit_made", "k", "nested")
+        leader.call("aecho", 0)  # runs on the leader's loop after both values went out
+    finally:
+        follower.kill(signal.SIGCONT)
+
+    def seen(w: Worker) -> list[str]:
+        w.wait_event("k", lambda v: isinstance(v["value"], dict))
+        with w.cond:
+            return [v if t == "error:0" else type(v["value"]).__name__ for t, v, _ in w.events if t in ("k", "error:0")]
+
+    assert seen(leader) == ["NoneType", "set", "EncodeError", "dict"]
+    assert seen(follower) == ["NoneType", "EncodeError", "dict"]
