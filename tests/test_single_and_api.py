@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 from typing import Any
 
@@ -97,7 +98,7 @@ def test_auto_generate_delegates_every_public_method(upstream) -> None:
     try:
         c.wait_ready(10)
         assert c.echo(1) == 1 and c.whoami() > 0
-        assert asyncio.iscoroutinefunction(type(c).aecho) and not asyncio.iscoroutinefunction(type(c).echo)
+        assert inspect.iscoroutinefunction(type(c).aecho) and not inspect.iscoroutinefunction(type(c).echo)
         assert asyncio.run(c.aecho(2)) == 2
         assert not hasattr(type(c), "_send")  # private methods stay private
     finally:
