@@ -381,6 +381,9 @@ class Agent:
         reads its answer, ``_thread.interrupt_main()`` (what pytest-timeout's
         thread method and others use): no signal ends the caller's recv, and the
         main thread notices at its next check, between reads."""
+        # Ctrl-C raises here even if this process was started with SIGINT ignored
+        # (a shell's background job), as an app's main thread would have it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if interrupt_main:
             conn = self.clients[cid]._node.conn
 
