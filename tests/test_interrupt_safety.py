@@ -59,16 +59,24 @@ def _loops_in_guards(node: ast.AST, guard: tuple[str, int] | None, found: list[t
                 _loops_in_guards(ast.Module(body=[sub], type_ignores=[]) if isinstance(sub, ast.stmt) else sub, guard, found)
 
 
-def _offenders() -> dict[tuple[str, str], list[tuple[int, str]]]:
-    out: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for path in sorted(SRC.glob("*.py")):
-        for fn in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                found: list[tuple[int, str]] = []
-                _loops_in_guards(ast.Module(body=fn.body, type_ignores=[]), None, found)
-                if found:
-                    out[(path.name, fn.name)] = found
+def _offenders_in(tree: ast.AST) -> dict[str, list[tuple[int, str]]]:
+    """Per function of ``tree`` that has any: its loops inside a guard."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    for fn in ast.walk(tree):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            found: list[tuple[int, str]] = []
+            _loops_in_guards(ast.Module(body=fn.body, type_ignores=[]), None, found)
+            if found:
+                out[fn.name] = found
     return out
+
+
+def _offenders() -> dict[tuple[str, str], list[tuple[int, str]]]:
+    return {
+        (path.name, name): found
+        for path in sorted(SRC.glob("*.py"))
+        for name, found in _offenders_in(ast.parse(path.read_text(), str(path))).items()
+    }
 
 
 def test_no_loop_where_an_interrupt_could_skip_clean_up() -> None:
@@ -89,9 +97,7 @@ def test_the_check_finds_a_loop_in_a_guard() -> None:
         "def f(lock, xs):\n    with lock:\n        return [x for x in xs]\n\n"
         "def g(xs):\n    try:\n        for x in xs:\n            pass\n    finally:\n        pass\n"
     )
-    found: dict[str, list] = {}
-    for fn in ast.walk(ast.parse(src)):
-        if isinstance(fn, ast.FunctionDef):
-            found[fn.name] = []
-            _loops_in_guards(ast.Module(body=fn.body, type_ignores=[]), None, found[fn.name])
-    assert found == {"f": [(3, "ListComp inside the with of line 2")], "g": [(7, "For inside the try/finally of line 6")]}
+    assert _offenders_in(ast.parse(src)) == {
+        "f": [(3, "ListComp inside the with of line 2")],
+        "g": [(7, "For inside the try/finally of line 6")],
+    }
