@@ -25,24 +25,71 @@ _UNSET = object()
 _B = TypeVar("_B", bound="Base")
 
 
+#: tasks of coroutine listeners and real-client calls, kept alive until they end
+background: set[asyncio.Future] = set()
+
+
+def keep(task: asyncio.Future) -> asyncio.Future:
+    """Hold a reference to ``task`` until it is done (the loop only holds weak ones)."""
+    background.add(task)
+    task.add_done_callback(background.discard)
+    return task
+
+
+def _run_awaited(res: Any, fn: Any, what: str) -> None:
+    """Run what a callback returned, if it is awaitable (an ``async def``
+    listener, a lambda around one): on this thread's loop, else nowhere, said."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        log.error("%s %r returned an awaitable outside any event loop; it was not run", what, fn)
+        if inspect.iscoroutine(res):
+            res.close()  # no "never awaited" warning on top
+        return
+
+    def done(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s %r raised", what, fn, exc_info=task.exception())
+
+    keep(asyncio.ensure_future(res, loop=loop)).add_done_callback(done)
+
+
+def _closer() -> tuple[int, Any]:
+    """Who is closing: the thread, and the task if a loop runs in it."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        task = None
+    return threading.get_ident(), task
+
+
 def _once(close: Callable[..., Any]) -> Callable[..., Any]:
-    """Make a subclass's close() idempotent and mark the instance closed."""
+    """Make a subclass's close() idempotent and mark the instance closed.
+
+    Only the first close runs, but all of it: a ``super().close()`` made by that
+    close runs the parent's body too (the instance is marked closed by then)."""
 
     if inspect.iscoroutinefunction(close):
 
         @functools.wraps(close)
         async def aclose_once(self: Base, *a: Any, **kw: Any) -> Any:
-            if self._closing_started():
+            if not self._close_enter(close):
                 return None
-            return await close(self, *a, **kw)
+            try:
+                return await close(self, *a, **kw)
+            finally:
+                self._close_exit(close)
 
         return aclose_once
 
     @functools.wraps(close)
     def close_once(self: Base, *a: Any, **kw: Any) -> Any:
-        if self._closing_started():
+        if not self._close_enter(close):
             return None
-        return close(self, *a, **kw)
+        try:
+            return close(self, *a, **kw)
+        finally:
+            self._close_exit(close)
 
     return close_once
 
@@ -60,6 +107,8 @@ class Base:
     _ready_callbacks: list = attrs.field(init=False)
     _listeners: dict = attrs.field(init=False)
     _closed: bool = attrs.field(init=False)
+    #: the first close under way: who runs it, and which bodies of it are running
+    _close_run: Any = attrs.field(init=False)
 
     def __init__(self) -> None:
         self._base_init()
@@ -70,6 +119,7 @@ class Base:
         self._ready_callbacks = []
         self._listeners = {}
         self._closed = False
+        self._close_run = None
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -90,6 +140,34 @@ class Base:
             self._closed = True
             return False
 
+    def _close_enter(self, body: Callable[..., Any]) -> bool:
+        """Whether ``body`` (one class's close) runs: the first close runs, and so
+        do the parents' bodies it reaches through ``super()``; a second close, or a
+        body calling itself again, does not."""
+        if getattr(self, "_closed", None) is None:
+            self._base_init()
+        who = _closer()
+        with self._ready_cond:
+            run = self._close_run
+            if run is not None and run[0] == who:
+                if body in run[1]:
+                    return False
+                run[1].add(body)
+                return True
+            if self._closed:
+                return False
+            self._closed = True
+            self._close_run = (who, {body})
+            return True
+
+    def _close_exit(self, body: Callable[..., Any]) -> None:
+        with self._ready_cond:
+            run = self._close_run
+            if run is not None and run[0] == _closer():
+                run[1].discard(body)
+                if not run[1]:
+                    self._close_run = None
+
     # -- readiness --------------------------------------------------------------
 
     def ready(self, flag: Any = _UNSET) -> Any:
@@ -107,23 +185,30 @@ class Base:
             self._run_callback(flag, state)
             return None
         if flag is True or isinstance(flag, BaseException):
-            with self._ready_cond:
-                if self._ready_state is not _UNSET and flag is True and self._ready_state is True:
-                    return None
-                self._ready_state = flag
-                callbacks, self._ready_callbacks = self._ready_callbacks, []
-                self._ready_cond.notify_all()
-            for cb in callbacks:
-                self._run_callback(cb, flag)
+            self._settle_ready(flag)
             if isinstance(flag, BaseException):
                 self.emit("error", flag)
             return None
         raise TypeError(f"ready() takes True, an exception or a callable, not {flag!r}")
 
+    def _settle_ready(self, flag: Any, *, first: bool = False) -> None:
+        """Set the ready state and wake its waiters and callbacks; emit nothing.
+        ``first``: only if no state was set yet."""
+        with self._ready_cond:
+            if self._ready_state is not _UNSET and (first or (flag is True and self._ready_state is True)):
+                return
+            self._ready_state = flag
+            callbacks, self._ready_callbacks = self._ready_callbacks, []
+            self._ready_cond.notify_all()
+        for cb in callbacks:
+            self._run_callback(cb, flag)
+
     @staticmethod
     def _run_callback(cb: Callable[[Any], Any], state: Any) -> None:
         try:
-            cb(None if state is True else state)
+            res = cb(None if state is True else state)
+            if res is not None and inspect.isawaitable(res):
+                _run_awaited(res, cb, "ready callback")
         except Exception:
             log.exception("ready callback %r raised", cb)
 
@@ -143,7 +228,7 @@ class Base:
                 raise TimeoutError(f"{type(self).__name__} not ready after {timeout} s")
             state = self._ready_state
         if state is not True:
-            raise NotReadyError(f"{type(self).__name__} failed to start: {state}") from state
+            raise NotReadyError(f"{type(self).__name__} did not become ready: {state}") from state
 
     async def _await_ready(self) -> None:
         if self._ready_state is _UNSET:
@@ -161,7 +246,7 @@ class Base:
             await fut
         state = self._ready_state
         if state is not True:
-            raise NotReadyError(f"{type(self).__name__} failed to start: {state}") from state
+            raise NotReadyError(f"{type(self).__name__} did not become ready: {state}") from state
 
     # -- events -----------------------------------------------------------------
 
@@ -194,7 +279,9 @@ class Base:
             return False
         for fn in listeners:
             try:
-                fn(*args)
+                res = fn(*args)
+                if res is not None and inspect.isawaitable(res):
+                    _run_awaited(res, fn, f"{event!r} listener")
             except Exception:
                 log.exception("%r listener %r raised", event, fn)
         return True

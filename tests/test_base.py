@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 
@@ -112,3 +113,102 @@ def test_a_raising_listener_does_not_stop_the_others() -> None:
     c.on("change", got.append)
     c.emit("change", 5)
     assert got == [5]
+
+
+def test_a_close_that_calls_super_runs_every_level_once() -> None:
+    class Conn(Base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list[str] = []
+
+        def close(self) -> None:
+            self.log.append("conn")
+
+    class Pooled(Conn):
+        def close(self) -> None:
+            self.log.append("pool")
+            super().close()
+            self.close()  # a close that reaches itself again does not run again
+
+    p = Pooled()
+    p.close()
+    p.close()
+    assert p.log == ["pool", "conn"] and p.closed
+
+
+def test_an_async_close_that_awaits_super_runs_every_level_once() -> None:
+    class Conn(Base):
+        log: list[str]
+
+        async def close(self) -> None:
+            self.log.append("conn")
+
+    class Pooled(Conn):
+        async def close(self) -> None:
+            self.log.append("pool")
+            await super().close()
+
+    async def main() -> list[str]:
+        p = Pooled()
+        p.log = []
+        # Two closers at once on one loop: only the first runs, whole.
+        await asyncio.gather(p.aclose(), p.aclose())
+        await p.aclose()
+        return p.log
+
+    assert asyncio.run(main()) == ["pool", "conn"]
+
+
+def test_a_second_close_from_another_thread_does_not_run_the_body_again() -> None:
+    entered, release = threading.Event(), threading.Event()
+
+    class Slow(Base):
+        runs = 0
+
+        def close(self) -> None:
+            self.runs += 1
+            entered.set()
+            release.wait(5)
+
+    s = Slow()
+    t = threading.Thread(target=s.close)
+    t.start()
+    assert entered.wait(5)
+    s.close()  # returns at once: the first close is under way
+    release.set()
+    t.join(5)
+    assert s.runs == 1
+
+
+def test_a_listener_that_returns_a_coroutine_has_it_run() -> None:
+    got: list = []
+
+    async def handler(value: Any) -> None:
+        got.append(value)
+
+    class AsyncCallable:
+        async def __call__(self, value: Any) -> None:
+            got.append(("obj", value))
+
+    async def main() -> None:
+        c = Client()
+        c.on("change", lambda v: handler(v))
+        c.on("change", AsyncCallable())
+        c.ready(lambda err: handler("ready"))
+        c.emit("change", 1)
+        c.ready(True)
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert sorted(map(repr, got)) == sorted(map(repr, [1, ("obj", 1), "ready"]))
+
+
+def test_a_coroutine_listener_outside_any_loop_is_reported_not_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    async def handler(value: Any) -> None:
+        raise AssertionError("not run")
+
+    c = Client()
+    c.on("change", handler)
+    c.emit("change", 1)
+    assert "outside any event loop" in caplog.text
