@@ -127,6 +127,7 @@ class ClusterClient(Base):
             new.subs[key] = copy
             node.loop.call_soon_threadsafe(node._sub_route, new, copy)
         new.publications.update(old.publications)
+        new.publishers.update(old.publishers)
 
     # -- role --------------------------------------------------------------------
 
@@ -134,7 +135,9 @@ class ClusterClient(Base):
     def role(self) -> str:
         """``"leader"``, ``"follower"``, ``"single"``, ``"electing"`` or ``"closed"``."""
         node = self._node
-        return node.role.value if node is not None else Role.ELECTING.value
+        if node is not None:
+            return node.role.value
+        return Role.CLOSED.value if self.closed else Role.ELECTING.value
 
     @property
     def is_leader(self) -> bool:
@@ -147,6 +150,15 @@ class ClusterClient(Base):
         """The pid of the leading process, as last seen here (None before any is found)."""
         node = self._node
         return node.leader_pid if node is not None else None
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until ready; raise ``NotReadyError`` (its ``__cause__`` says why:
+        a start-up failure, or ``ClientClosedError`` if closed first), or
+        ``TimeoutError``. On connshare's own thread, where it would wait forever,
+        it raises ``ConcurrencyError`` unless the client is ready."""
+        if not self.is_ready and on_loop_thread():
+            forbid_loop_thread("wait_ready() on a client that is not ready")
+        super().wait_ready(timeout)
 
     # -- the generic front doors ----------------------------------------------
 
@@ -182,18 +194,18 @@ class ClusterClient(Base):
             raise TypeError(f"listener must be callable, not {listener!r}")
         from ._subs import Listener
 
-        self._live_node().subscribe(self._state, method, reg, Listener(listener))  # type: ignore[arg-type]
+        self._live_node().subscribe(self._state, method, reg, Listener(listener, self))  # type: ignore[arg-type]
 
     def unsubscribe(self, reg: Any, listener: Callable[[Any], Any] | None = None) -> None:
-        """Stop calling ``listener`` (every listener, if None) for ``reg``."""
-        self._live_node().unsubscribe(self._state, reg, listener)  # type: ignore[arg-type]
+        """Stop calling ``listener`` (every listener this client added, if None) for ``reg``."""
+        self._live_node().unsubscribe(self._state, reg, listener, self)  # type: ignore[arg-type]
 
     def publish(self, reg: Any) -> None:
         """Publish ``reg`` upstream; it is published again on every new leader."""
         self._publish("publish", reg)
 
     def _publish(self, method: str, reg: Any) -> None:
-        self._live_node().publish(self._state, method, reg)  # type: ignore[arg-type]
+        self._live_node().publish(self._state, method, reg, self)  # type: ignore[arg-type]
 
     # -- closing -------------------------------------------------------------------
 
@@ -218,6 +230,8 @@ class ClusterClient(Base):
                 log.warning("closing %s took too long; going on", self.channel)
 
     def _detach(self) -> concurrent.futures.Future | None:
+        # Whoever waits for readiness would otherwise wait for a node that is gone.
+        self._settle_ready(ClientClosedError(f"{self.channel!r} was closed before it was ready"), first=True)
         node, state = self._node, self._state
         self._node = None
         if node is None or state is None:
@@ -391,7 +405,9 @@ class APIClientBase(Base):
             builder.delegate(name, to)
         self._client = builder.create(*args, **kwargs)
         self._client.on("error", lambda exc: self.emit("error", exc))
-        self._client.ready(lambda err: self.ready(err if err is not None else True))
+        # The client's error events reach ours through the listener above, a
+        # start-up failure included: settle without emitting it a second time.
+        self._client.ready(lambda err: self._settle_ready(err if err is not None else True))
 
     @property
     def is_leader(self) -> bool:

@@ -13,12 +13,12 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ._base import Base
+from ._base import Base, keep
 from ._errors import EncodeError, FrameTooLargeError, MethodNotAllowedError, NotReadyError
 from ._loop import on_loop_thread
 from ._protocol import Codec, MsgType
 from ._spec import ChannelState, MethodSpec
-from ._subs import Listener, keep
+from ._subs import Listener
 
 log = logging.getLogger("connshare.host")
 
@@ -90,9 +90,9 @@ class ChannelHost:
             if not self.ready.done():
                 self.ready.set_exception(err)
                 self.ready.exception()  # retrieved: waiters re-raise it
-            if not isinstance(exc, Exception):
+            if isinstance(exc, asyncio.CancelledError):
                 raise
-            return
+            return  # a SystemExit too: it would end connshare's loop thread
         if not self.ready.done():
             self.ready.set_result(None)
 
@@ -142,6 +142,10 @@ class ChannelHost:
     def attach(self, ks: KeyState, sink: Sink) -> None:
         """Add ``sink`` to the key and give it the last value, if there is one."""
         ks.sinks.append(sink)
+        self.replay(ks, sink)
+
+    def replay(self, ks: KeyState, sink: Sink) -> None:
+        """Give ``sink``, attached to ``ks``, the key's last value, if it has one."""
         if ks.has_value and (self.broadcast or len(ks.sinks) == 1):
             sink.push(ks, ks.value)
             if ks.unsendable is not None:

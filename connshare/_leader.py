@@ -458,6 +458,8 @@ class PeerProtocol:
         if ks.id not in self.subs:
             self.subs[ks.id] = (host, ks)
             host.attach(ks, self)
+        else:  # a newer subscription of the follower's to a key it has: it wants the last value
+            host.replay(ks, self)
 
     def push(self, ks: KeyState, value: Any) -> None:
         frame = ks.event_frame(self.codec)

@@ -51,7 +51,7 @@ def get_loop() -> asyncio.AbstractEventLoop:
             def run() -> None:
                 asyncio.set_event_loop(loop)
                 loop.call_soon(started.set)
-                loop.run_forever()
+                _serve(loop)
 
             _thread = threading.Thread(target=run, name="connshare-loop", daemon=True)
             _thread.start()
@@ -94,6 +94,19 @@ def loop_thread_id() -> int | None:
 
 def on_loop_thread() -> bool:
     return _ident == get_ident()
+
+
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """Run connshare's loop for good. A SystemExit raised by app code it runs (a
+    listener calling ``sys.exit()``, a real client's constructor) ends only the
+    thread it is raised in, as in any thread, and here that thread serves every
+    call and event of the process: log it and go on."""
+    while True:
+        try:
+            loop.run_forever()
+            return
+        except (SystemExit, KeyboardInterrupt) as exc:
+            log.error("app code raised %r on connshare's loop thread; the loop goes on", exc, exc_info=exc)
 
 
 def forbid_loop_thread(what: str) -> None:

@@ -196,10 +196,21 @@ class Node:
             if client in state.clients:
                 state.clients.remove(client)
             self.clients.discard(client)
-            if any(st.clients for st in self.channels.values()) or self.closing:
-                return None
-            self.closing = True
-        return self._close_now()
+            last = not any(st.clients for st in self.channels.values())
+            closing = last and not self.closing
+            if closing:
+                self.closing = True
+        if closing:
+            return self._close_now()
+        if not last:
+            # The process's other clients go on: what this one subscribed and
+            # published goes with it, as if its process had left.
+            with state.lock:
+                gone = _drop_listener(state, None, None, client)
+                _drop_publications(state, client)
+            for sub in gone:
+                self.loop.call_soon_threadsafe(self._unsub_route, state, sub)
+        return None
 
     def _close_now(self) -> concurrent.futures.Future:
         """Close the node (``closing`` is set); a future done once it has."""
@@ -518,9 +529,14 @@ class Node:
         self._set_route(state, (conn, wire_id))
 
     def _send_subscribe(self, conn: FollowerConnection, state: ChannelState, sub: LocalSub) -> None:
-        def mapped(key_id: int) -> None:  # in the reader, before the first EVENT
-            conn.keys[key_id] = sub
-            sub.key_id = key_id
+        def mapped(key_id: int) -> None:  # in the reader (any thread), before the first EVENT
+            with state.lock:
+                live = state.subs.get((sub.method, sub.canon)) is sub
+                if live:
+                    conn.keys[key_id] = sub
+                    sub.key_id = key_id
+            if not live:  # unsubscribed before the answer came, so unsubscribe() sent nothing
+                self.loop.call_soon_threadsafe(self._withdraw, conn, state, sub, key_id)
 
         _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped, internal=True)
         fut.add_done_callback(functools.partial(self._subscribed, state, sub))
@@ -827,10 +843,10 @@ class Node:
                 )
             )
 
-    def unsubscribe(self, state: ChannelState, reg: Any, listener: Any) -> None:
+    def unsubscribe(self, state: ChannelState, reg: Any, listener: Any, owner: Any) -> None:
         canon = canonical(reg)
         with state.lock:
-            gone = _drop_listener(state, canon, listener)
+            gone = _drop_listener(state, canon, listener, owner)
         for sub in gone:
             self.loop.call_soon_threadsafe(self._unsub_route, state, sub)
 
@@ -841,19 +857,33 @@ class Node:
             if ks is not None:
                 route.unsubscribe(ks, sub)
         elif route is not None and sub.key_id is not None:
-            conn = route[0]
-            conn.keys.pop(sub.key_id, None)
-            try:
-                conn.send_oneway([MsgType.UNSUBSCRIBE, sub.key_id])
-            except LeaderLostError:
-                pass
+            self._withdraw(route[0], state, sub, sub.key_id)
 
-    def publish(self, state: ChannelState, method: str, reg: Any) -> None:
+    def _withdraw(self, conn: FollowerConnection, state: ChannelState, sub: LocalSub, key_id: int) -> None:
+        """On connshare's loop: tell the leader that ``sub`` is gone. Not if a newer
+        subscription to the same key has taken its place: its SUBSCRIBE, sent from
+        this loop, before or after, keeps the key (the leader replays the last
+        value to it), and an UNSUBSCRIBE behind it would leave it with nothing."""
+        if conn.keys.get(key_id) is sub:
+            del conn.keys[key_id]
+        with state.lock:
+            if (sub.method, sub.canon) in state.subs:
+                return
+        if conn is not self.conn:
+            return  # that connection is gone, and what it subscribed with it
+        try:
+            conn.send_oneway([MsgType.UNSUBSCRIBE, key_id])
+        except LeaderLostError:
+            pass
+
+    def publish(self, state: ChannelState, method: str, reg: Any, owner: Any) -> None:
         body = self.codec.pack([MsgType.PUBLISH, 0, method, reg])  # EncodeError in the caller
         if state.options.encode_locally:
             reg = self.mirror.publication(body)
+        key = (method, canonical(reg))
         with state.lock:
-            state.publications[(method, canonical(reg))] = reg
+            state.publications[key] = reg
+            state.publishers.setdefault(key, set()).add(owner)
         self.loop.call_soon_threadsafe(self._pub_route, state, method, reg)
 
     def _pub_route(self, state: ChannelState, method: str, reg: Any) -> None:
@@ -984,16 +1014,27 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _EXIT_GRACE_S = 5.0
 
 
-def _drop_listener(state: ChannelState, canon: bytes, listener: Any) -> list[LocalSub]:
-    """Under ``state.lock``: drop ``listener`` from the subscriptions to ``canon``;
-    those left with none, taken out of ``state.subs``. (A loop in a frame of its
-    own, so that an interrupt cannot skip the lock's release: see _subs._without.)"""
+def _drop_listener(state: ChannelState, canon: bytes | None, listener: Any, owner: Any) -> list[LocalSub]:
+    """Under ``state.lock``: drop ``listener`` (every one, if None) of ``owner``
+    from the subscriptions to ``canon`` (to any key, if None); those left with
+    none, taken out of ``state.subs``. (A loop in a frame of its own, so that an
+    interrupt cannot skip the lock's release: see _subs._without.)"""
     gone = []
     for key, sub in list(state.subs.items()):
-        if sub.canon == canon and sub.remove(listener):
+        if (canon is None or sub.canon == canon) and sub.remove(listener, owner):
             del state.subs[key]
             gone.append(sub)
     return gone
+
+
+def _drop_publications(state: ChannelState, owner: Any) -> None:
+    """Under ``state.lock``: forget what ``owner`` alone published (in a frame of its
+    own, as _drop_listener)."""
+    for key, owners in list(state.publishers.items()):
+        owners.discard(owner)
+        if not owners:
+            del state.publishers[key]
+            state.publications.pop(key, None)
 
 
 def _mark_closing(nodes: list[Node]) -> list[Node]:

@@ -52,17 +52,27 @@ def unsendable_result(exc: EncodeError | FrameTooLargeError) -> EncodeError | Fr
     return type(exc)(f"the call ran on the leader, but its result cannot be sent back: {exc}")
 
 
+def _text(make: Any, cls: type) -> str:
+    # An exception's __str__ or __repr__ is app code and may raise: its caller
+    # must still get an answer.
+    try:
+        return str(make())
+    except Exception:
+        return f"<{cls.__qualname__}: str() or repr() failed>"
+
+
 def _wire_args(args: tuple) -> list:
     # Only plain scalars cross: anything else becomes its repr, so encoding an
     # error can never fail.
-    return [a if type(a) in SCALARS else repr(a) for a in args]
+    return [a if type(a) in SCALARS else _text(lambda a=a: repr(a), type(a)) for a in args]
 
 
 def error_message(rid: int, exc: BaseException, code: int = ErrorCode.RAISED) -> Error:
     """The ERROR message that carries ``exc`` to the caller of request ``rid``."""
     cls = type(exc)
-    tb = "".join(traceback.format_exception(cls, exc, exc.__traceback__))
-    return Error(rid, code, f"{cls.__module__}:{cls.__qualname__}", str(exc), _wire_args(exc.args), tb)
+    tb = _text(lambda: "".join(traceback.format_exception(cls, exc, exc.__traceback__)), cls)
+    args = exc.args if isinstance(exc.args, tuple) else ()
+    return Error(rid, code, f"{cls.__module__}:{cls.__qualname__}", _text(lambda: str(exc), cls), _wire_args(args), tb)
 
 
 def _lookup(type_name: str) -> type | None:

@@ -54,6 +54,8 @@ class ChannelState:
     options: Options
     subs: dict[tuple[str, bytes], LocalSub] = attrs.field(factory=dict)
     publications: dict[tuple[str, bytes], Any] = attrs.field(factory=dict)
+    #: the clients that published each of ``publications``
+    publishers: dict[tuple[str, bytes], set[Any]] = attrs.field(factory=dict)
     clients: list[Any] = attrs.field(factory=list)
     lock: threading.Lock = attrs.field(factory=threading.Lock)
     #: the leader's id for this channel on the current follower connection

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from ._base import keep
 from ._loop import get_loop
 
 if TYPE_CHECKING:
@@ -53,10 +54,12 @@ def canonical(reg: Any) -> bytes:
 class Listener:
     """A listener and where it runs: the loop it was registered from, else connshare's."""
 
-    __slots__ = ("fn", "is_coro", "loop")
+    __slots__ = ("fn", "is_coro", "loop", "owner")
 
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any], owner: Any = None) -> None:
         self.fn = fn
+        #: the client that subscribed it: its close() or unsubscribe(reg) ends it
+        self.owner = owner
         self.is_coro = inspect.iscoroutinefunction(fn)
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -99,7 +102,7 @@ class Listener:
         """``fn`` (not a coroutine function) as a listener of connshare's loop: it
         runs there in order with the event listeners that run there."""
         ls = cls.__new__(cls)
-        ls.fn, ls.is_coro, ls.loop = fn, False, None
+        ls.fn, ls.is_coro, ls.loop, ls.owner = fn, False, None, None
         return ls
 
     def _run_queued(self, value: Any) -> None:
@@ -112,20 +115,11 @@ class Listener:
             if self.is_coro:
                 keep(asyncio.ensure_future(self.fn(value))).add_done_callback(_log_task_error)
             else:
-                self.fn(value)
+                res = self.fn(value)
+                if res is not None and inspect.isawaitable(res):  # a lambda around a coroutine function
+                    keep(asyncio.ensure_future(res)).add_done_callback(_log_task_error)
         except Exception:
             log.exception("subscription listener %r raised", self.fn)
-
-
-#: tasks of coroutine listeners and real-client calls, kept alive until they end
-background: set[asyncio.Future] = set()
-
-
-def keep(task: asyncio.Future) -> asyncio.Future:
-    """Hold a reference to ``task`` until it is done (the loop only holds weak ones)."""
-    background.add(task)
-    task.add_done_callback(background.discard)
-    return task
 
 
 def _log_task_error(task: asyncio.Future) -> None:
@@ -133,11 +127,11 @@ def _log_task_error(task: asyncio.Future) -> None:
         log.error("subscription listener raised", exc_info=task.exception())
 
 
-def _without(listeners: list[Listener], fn: Callable[[Any], Any]) -> list[Listener]:
+def _without(listeners: list[Listener], fn: Callable[[Any], Any] | None, owner: Any) -> list[Listener]:
     # A loop in a frame of its own, called under a lock: on CPython 3.13 and 3.14
     # an interrupt (Ctrl-C) that lands on a loop's backward jump skips every
     # handler of that loop's frame (python/cpython#130279), a ``with``'s exit too.
-    return [ls for ls in listeners if ls.fn != fn]
+    return [ls for ls in listeners if not ((fn is None or ls.fn == fn) and (owner is None or ls.owner is owner))]
 
 
 class LocalSub:
@@ -164,13 +158,11 @@ class LocalSub:
         if has:
             listener.call(value)
 
-    def remove(self, fn: Callable[[Any], Any] | None) -> bool:
-        """Drop ``fn`` (all listeners if None); True when none is left."""
+    def remove(self, fn: Callable[[Any], Any] | None, owner: Any = None) -> bool:
+        """Drop ``fn`` (every listener if None) of ``owner`` (of any client if
+        None); True when none is left."""
         with self.lock:
-            if fn is None:
-                self.listeners.clear()
-            else:
-                self.listeners = _without(self.listeners, fn)
+            self.listeners = _without(self.listeners, fn, owner)
             return not self.listeners
 
     def deliver(self, value: Any, now: list | None = None) -> None:

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -23,13 +24,20 @@ def describe(exc: BaseException) -> dict:
     return {
         "type": type(exc).__name__,
         "mro": [c.__name__ for c in type(exc).__mro__],
-        "message": str(exc),
+        "message": _text(exc),
         "args": [a if isinstance(a, (str, int, float, bool, type(None))) else repr(a) for a in exc.args],
         "remote_traceback": getattr(exc, "remote_traceback", None),
         "cause": type(exc.__cause__).__name__ if exc.__cause__ else None,
         "context": type(exc.__context__).__name__ if exc.__context__ else None,
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as err:  # an exception whose __str__ raises is one of the cases
+        return f"<str() failed: {err!r}>"
 
 
 def build(spec: dict) -> Any:
@@ -216,6 +224,24 @@ class Agent:
                 self.loop_blocked.set()
                 time.sleep(seconds)
                 self.loop_blocked.clear()
+
+        self.clients[cid].subscribe(reg, listener)
+
+    def op_subscribe_then_unsubscribe(self, cid: str, reg: Any, tag: str) -> None:
+        """Subscribe and unsubscribe at once: before the leader can answer."""
+
+        def listener(value: Any) -> None:
+            self.send(("event", tag, value, {}))
+
+        self.clients[cid].subscribe(reg, listener)
+        self.clients[cid].unsubscribe(reg, listener)
+
+    def op_subscribe_exiting(self, cid: str, reg: Any, tag: str) -> None:
+        """A listener that reports, then calls sys.exit() (on connshare's thread)."""
+
+        def listener(value: Any) -> None:
+            self.send(("event", tag, value, {"thread": threading.current_thread().name}))
+            sys.exit(0)
 
         self.clients[cid].subscribe(reg, listener)
 

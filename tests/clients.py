@@ -20,6 +20,16 @@ class AppError(Exception):
     """Loaded in every process: crosses the wire as itself."""
 
 
+class Unreprable:
+    def __repr__(self) -> str:
+        raise AttributeError("half-built object")
+
+
+class UnprintableError(AppError):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+
 #: values the leader makes for the encode_locally tests
 MADE: dict[str, Any] = {
     "tuple": lambda: (1, (2, "x")),
@@ -42,6 +52,8 @@ class KVClient(Base):
         if fail == "ready":
             self.ready(RuntimeError("upstream refused us"))
             return
+        if fail == "exit":
+            raise SystemExit("config missing")
         self._sock = socket.create_connection(("127.0.0.1", port))
         self._rfile = self._sock.makefile("rb")
         self._wlock = threading.Lock()
@@ -123,6 +135,8 @@ class KVClient(Base):
             raise KeyError("missing", 42)
         if kind == "app":
             raise AppError("bad thing", 7)
+        if kind == "unprintable":  # app code the error path runs: repr() and str() raise
+            raise UnprintableError("half-built", Unreprable())
         if kind == "unknown":
             from tests import leader_only
 

@@ -1,0 +1,208 @@
+"""A client's life in a process: subscriptions that end early, a client closed
+beside another of its channel, closing before ready, app code that raises what
+it should not on connshare's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from connshare import APIClientBase, Base, ConcurrencyError, NotReadyError, cluster
+from connshare._loop import get_loop
+from tests.clients import CounterClient, KVClient
+from tests.conftest import kv_spec
+from tests.harness import wait_until
+
+
+def test_a_subscription_ended_before_the_leaders_answer_leaves_nothing_behind(port, upstream, spawn) -> None:
+    (leader,) = spawn([kv_spec(port, upstream.port)])
+    leader.ready()
+    (follower,) = spawn([kv_spec(port, upstream.port)])
+    follower.ready()
+    assert follower.role()["is_leader"] is False
+    upstream.set("k", "v1")
+    follower.request("subscribe_then_unsubscribe", "0", {"key": "k"}, "early")
+    # A later subscription of the same process to the key gets its last value...
+    follower.subscribe({"key": "k"}, "late")
+    follower.wait_event("late", lambda v: v["value"] == "v1")
+    # ...and once it ends, the leader lets go of the key upstream.
+    follower.request("unsubscribe", "0", {"key": "k"})
+    wait_until(lambda: upstream.watcher_count("k") == 0, what="the leader's upstream watch of k to end")
+
+
+def test_closing_one_of_two_clients_of_a_channel_ends_what_it_subscribed_and_published(port, upstream, spawn) -> None:
+    (leader,) = spawn([kv_spec(port, upstream.port)])
+    leader.ready()
+    (follower,) = spawn([dict(kv_spec(port, upstream.port), id="a"), dict(kv_spec(port, upstream.port), id="b")])
+    follower.ready("a")
+    follower.ready("b")
+    follower.request("publish", "a", {"svc": "a"})
+    follower.request("publish", "b", {"svc": "b"})
+    follower.subscribe({"key": "ka"}, "a", cid="a")
+    follower.subscribe({"key": "kb"}, "b", cid="b")
+    wait_until(lambda: upstream.watcher_count("ka") and upstream.watcher_count("kb"), what="both watches upstream")
+    upstream.set("ka", 1)
+    follower.wait_event("a", lambda v: v["value"] == 1)
+
+    follower.request("close", "a")
+    wait_until(lambda: upstream.watcher_count("ka") == 0, what="the closed client's watch to end upstream")
+    upstream.set("ka", 2)
+    upstream.set("kb", 2)
+    follower.wait_event("b", lambda v: v["value"] == 2)
+    assert 2 not in [v["value"] for v in follower.values("a")]
+
+    # The next leader publishes again what the process's open client published,
+    # only. (The upstream drops a connection's publications when it ends.)
+    leader.kill()
+    wait_until(lambda: follower.role("b")["is_leader"], what="the follower to lead")
+    wait_until(lambda: upstream.published() == [{"svc": "b"}], what="only b's publication, from the new leader")
+
+
+def test_a_listener_that_calls_sys_exit_does_not_end_connshares_thread(port, upstream, spawn) -> None:
+    (leader,) = spawn([kv_spec(port, upstream.port, response_timeout=5)])
+    leader.ready()
+    leader.request("subscribe_exiting", "0", {"key": "x"}, "x")
+    upstream.set("x", 1)
+    _, meta = leader.wait_event("x")
+    assert meta["thread"] == "connshare-loop"
+    assert leader.call("aecho", 2) == 2  # a coroutine call runs on that thread
+    (follower,) = spawn([kv_spec(port, upstream.port, response_timeout=5)])
+    follower.ready()
+    assert follower.call("aecho", 3) == 3
+
+
+def test_a_real_client_whose_constructor_raises_system_exit_fails_its_channel_only(port, upstream, spawn) -> None:
+    failing = dict(kv_spec(port, upstream.port), args=[upstream.port, "exit"])
+    counter = {"id": "1", "cls": "CounterClient", "options": {"port": port, "name": "counter"}, "delegates": ["incr"]}
+    (leader,) = spawn([failing, counter])
+    with pytest.raises(Exception) as info:
+        leader.ready()
+    assert info.value.isa("NotReadyError"), info.value.desc  # type: ignore[attr-defined]
+    leader.ready("1")
+    assert leader.call("incr", cid="1") == 1
+
+
+def test_an_exception_whose_repr_and_str_raise_still_reaches_the_caller(port, upstream, spawn) -> None:
+    (leader,) = spawn([kv_spec(port, upstream.port, response_timeout=5)])
+    leader.ready()
+    (follower,) = spawn([kv_spec(port, upstream.port, response_timeout=5)])
+    follower.ready()
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as info:
+        follower.call("boom", "unprintable")
+    assert info.value.isa("UnprintableError"), info.value.desc  # type: ignore[attr-defined]
+    assert info.value.desc["args"][1] == "<Unreprable: str() or repr() failed>"  # type: ignore[attr-defined]
+    assert time.monotonic() - t0 < 4  # answered, not timed out
+    assert follower.call("echo", 1) == 1
+
+
+class NeverReady(Base):
+    """A real client that never says it is ready."""
+
+    def slow(self) -> None:
+        pass
+
+
+def test_closing_a_client_before_it_is_ready_wakes_whoever_waits() -> None:
+    c = cluster(NeverReady, name="never-ready", single_mode=True).delegate("slow").create()
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            c.wait_ready(20)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    c.close()
+    t.join(10)
+    assert not t.is_alive()
+    assert isinstance(errors[0], NotReadyError) and type(errors[0].__cause__).__name__ == "ClientClosedError"
+    with pytest.raises(NotReadyError):
+        asyncio.run(c.ready())
+    assert c.role == "closed" and c.closed and not c.is_leader
+
+
+def test_wait_ready_on_connshares_thread_raises_rather_than_deadlocks(upstream) -> None:
+    c = cluster(KVClient, name="wait-on-loop", single_mode=True).create(upstream.port)
+    out: list[Any] = []
+    done = threading.Event()
+
+    def listener(value: Any) -> None:
+        c2 = cluster(CounterClient, name="wait-on-loop-2", single_mode=True).create()
+        t0 = time.monotonic()
+        try:
+            c2.wait_ready(3)
+            out.append("ready")
+        except Exception as exc:
+            out.append(exc)
+        out.append(time.monotonic() - t0)
+        c2.close()
+        done.set()
+
+    try:
+        c.wait_ready(10)
+        upstream.set("w", 1)
+        c.subscribe({"key": "w"}, listener)
+        assert done.wait(10)
+        assert isinstance(out[0], ConcurrencyError) and out[1] < 1, out
+    finally:
+        c.close()
+
+
+def test_a_closed_client_says_so(port, upstream) -> None:
+    c = cluster(KVClient, name="closed-role", port=port).create(upstream.port)
+    c.wait_ready(10)
+    assert c.role == "leader"
+    c.close()
+    assert c.role == "closed" and not c.is_leader
+
+
+class StartFails(APIClientBase):
+    DataClient = KVClient
+    cluster_options = {"name": "api-start-fails", "single_mode": True}
+
+
+def test_an_api_client_reports_a_start_up_failure_once(upstream) -> None:
+    api = StartFails(upstream.port, "ready")
+    errors: list[BaseException] = []
+    api.on("error", errors.append)
+    try:
+        with pytest.raises(NotReadyError):
+            api.wait_ready(10)
+        wait_until(lambda: errors, what="the error event")
+        # Whatever the failure set off on connshare's loop has run by now.
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), get_loop()).result(5)
+        assert len(errors) == 1, errors
+    finally:
+        api.close()
+
+
+class ClosingAPI(APIClientBase):
+    DataClient = KVClient
+    delegates = {"echo": "invoke"}
+
+    def __init__(self, port: int, upstream_port: int) -> None:
+        self.cluster_options = {"name": "closing-api", "port": port}
+        super().__init__(upstream_port)
+        self.cache = {"x": 1}
+
+    def close(self) -> None:
+        self.cache.clear()
+        super().close()
+
+
+def test_an_api_clients_close_that_calls_super_closes_the_shared_client(port, upstream) -> None:
+    api = ClosingAPI(port, upstream.port)
+    api.wait_ready(10)
+    assert api.is_leader and api._client.echo(5) == 5
+    api.close()
+    assert api.cache == {} and api._client.closed and api._client.role == "closed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the port is free for the next leader
