@@ -521,7 +521,8 @@ class FollowerConnection:
             if self.pending.pop(rid, None) is not None:
                 raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout} s")
             # answered meanwhile; the lock is (being) released
-            lock.acquire()
+            if not lock.acquire(True, max(timeout, 1.0)):  # never expected: a bound, not a hang
+                raise CallTimeoutError(f"the answer from the leader (pid {self.peer_pid}) was read but not delivered")
         return p.outcome()
 
     def forget_epoll(self) -> None:
@@ -1022,7 +1023,12 @@ class FollowerConnection:
             p = self.pending.pop(wire[1], None)
             if p is not None:
                 if p.hook is not None:
-                    p.hook(wire[2])
+                    try:
+                        p.hook(wire[2])
+                    except Exception as exc:  # popped: settle it, or its caller waits for good
+                        err = ProtocolError(f"the leader's answer to an internal request is malformed: {exc!r}")
+                        self._answer(p, False, err, batch)
+                        raise err from exc
                 self._answer(p, True, wire[2], batch)
         elif t == MsgType.EVENT:
             sub = self.keys.get(wire[1])

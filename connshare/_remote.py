@@ -88,25 +88,41 @@ def _lookup(type_name: str) -> type | None:
 
 
 def exception_from(msg: Error, pid: int | None = None) -> Exception:
-    """The exception to raise in the caller for an ERROR message."""
+    """The exception to raise in the caller for an ERROR message. Never raises:
+    the wire names the class, and a class that cannot be rebuilt from what came
+    (its constructor, or a frozen instance refusing ``__cause__``) is a
+    :class:`RemoteError` instead."""
     if msg.code != ErrorCode.RAISED:
         cls = _CODE_TYPES.get(msg.code)
         if cls is None:
             cls = _lookup(msg.type_name) if msg.type_name.startswith("connshare.") else None
             cls = cls or _errors.ProtocolError
-        exc: Exception = cls(msg.message)
+        exc = _build(cls, (msg.message,))
     else:
         cls = _lookup(msg.type_name)
-        exc = None  # type: ignore[assignment]
-        if cls is not None:
-            try:
-                exc = cls(*msg.args)
-            except Exception:
-                exc = None  # type: ignore[assignment]
-        if exc is None:
-            exc = RemoteError(msg.type_name.replace(":", "."), msg.message, tuple(msg.args))
-    if msg.traceback:
-        where = f"leader pid {pid}" if pid else "the leader"
-        exc.__cause__ = RemoteTraceback(f"Traceback in {where}:\n{msg.traceback}")
-    exc.remote_traceback = msg.traceback  # type: ignore[attr-defined]
+        exc = _build(cls, tuple(msg.args)) if cls is not None else None
+    if exc is None or not _annotate(exc, msg, pid):
+        exc = RemoteError(msg.type_name.replace(":", "."), msg.message, tuple(msg.args))
+        _annotate(exc, msg, pid)
     return exc
+
+
+def _build(cls: type, args: tuple) -> Exception | None:
+    try:
+        exc = cls(*args)
+    except Exception:
+        return None
+    return exc if isinstance(exc, Exception) else None
+
+
+def _annotate(exc: Exception, msg: Error, pid: int | None) -> bool:
+    """Attach the remote traceback; False if ``exc`` cannot hold it."""
+    try:
+        # object.__setattr__: past a frozen dataclass's or attrs class's refusal
+        if msg.traceback:
+            where = f"leader pid {pid}" if pid else "the leader"
+            object.__setattr__(exc, "__cause__", RemoteTraceback(f"Traceback in {where}:\n{msg.traceback}"))
+        object.__setattr__(exc, "remote_traceback", msg.traceback)
+    except Exception:
+        return False
+    return True

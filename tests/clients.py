@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import json
 import os
 import socket
@@ -23,6 +24,13 @@ class AppError(Exception):
 class Unreprable:
     def __repr__(self) -> str:
         raise AttributeError("half-built object")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenError(Exception):
+    """A frozen dataclass exception: it refuses every attribute set, ``__cause__`` too."""
+
+    code: int
 
 
 class UnprintableError(AppError):
@@ -135,6 +143,8 @@ class KVClient(Base):
             raise KeyError("missing", 42)
         if kind == "app":
             raise AppError("bad thing", 7)
+        if kind == "frozen":
+            raise FrozenError(3)
         if kind == "unprintable":  # app code the error path runs: repr() and str() raise
             raise UnprintableError("half-built", Unreprable())
         if kind == "unknown":
@@ -142,6 +152,10 @@ class KVClient(Base):
 
             raise leader_only.LeaderOnlyError("only the leader knows me")
         raise ValueError(kind)
+
+    async def aboom_kind(self, kind: str) -> None:
+        await asyncio.sleep(0)
+        self.boom(kind)
 
     async def aboom(self) -> None:
         await asyncio.sleep(0)

@@ -101,6 +101,20 @@ def test_an_exception_whose_repr_and_str_raise_still_reaches_the_caller(port, up
     assert follower.call("echo", 1) == 1
 
 
+@pytest.mark.parametrize("method", ["boom", "aboom_kind"])
+def test_a_frozen_exception_class_reaches_the_caller_as_itself(port, upstream, spawn, method) -> None:
+    delegates = ["echo", "boom", "aboom_kind"]
+    (leader,) = spawn([kv_spec(port, upstream.port, response_timeout=5, delegates=delegates)])
+    leader.ready()
+    (follower,) = spawn([kv_spec(port, upstream.port, response_timeout=5, delegates=delegates)])
+    follower.ready()
+    with pytest.raises(Exception) as info:
+        follower.call(method, "frozen", timeout=20)
+    assert info.value.isa("FrozenError"), info.value.desc  # type: ignore[attr-defined]
+    assert info.value.desc["args"] == [3] and info.value.desc["remote_traceback"]  # type: ignore[attr-defined]
+    assert follower.call("echo", 1) == 1
+
+
 class NeverReady(Base):
     """A real client that never says it is ready."""
 

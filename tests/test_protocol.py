@@ -404,3 +404,20 @@ def test_loads_gives_what_a_peer_decodes() -> None:
         codec.loads(codec.pack([int(MsgType.RESULT), 1, {1: "int keys"}]))
     with pytest.raises(FrameTooLargeError):
         codec.loads(codec.pack([int(MsgType.RESULT), 1, "x" * 100]))
+
+
+def test_an_error_message_that_names_a_class_it_cannot_build_becomes_a_remote_error() -> None:
+    from connshare import RemoteError
+    from connshare._errors import PortInUseError
+    from connshare._protocol import Error, ErrorCode
+    from connshare._remote import exception_from
+
+    # A connshare class whose constructor wants more than a message (a foreign
+    # program or a broken peer can name any class).
+    msg = Error(1, 99, "connshare._errors:PortInUseError", "boom", [], "")
+    assert PortInUseError.__init__ is not Exception.__init__
+    exc = exception_from(msg)
+    assert isinstance(exc, RemoteError) and "PortInUseError" in str(exc)
+    # A class that refuses to be built from the args that came.
+    exc = exception_from(Error(2, ErrorCode.RAISED, "builtins:UnicodeDecodeError", "x", ["only one"], "tb"))
+    assert isinstance(exc, RemoteError) and exc.remote_traceback == "tb"  # type: ignore[attr-defined]
