@@ -427,13 +427,15 @@ class Node:
                 return
             for sub in list(state.subs.values()):
                 self._host_subscribe(host, state, sub)
-            for (method, _), reg in list(state.publications.items()):
-                self._host_call(state, host.publish, method, reg)
+            for key, (reg, token) in list(state.publications.items()):
+                state.pub_sent[key] = (host, token)
+                self._host_call(state, host.publish, key[0], reg)
             self._set_route(state, host)
 
         self.spawn(start())
 
     def _host_subscribe(self, host: ChannelHost, state: ChannelState, sub: LocalSub) -> None:
+        sub.sent_on = host
         try:
             ks = host.subscribe(sub.method, sub.reg, sub.canon)
         except Exception as exc:
@@ -522,8 +524,9 @@ class Node:
         try:
             for sub in list(state.subs.values()):
                 self._send_subscribe(conn, state, sub)
-            for (method, _), reg in list(state.publications.items()):
-                conn.send_oneway([MsgType.PUBLISH, wire_id, method, reg])
+            for key, (reg, token) in list(state.publications.items()):
+                state.pub_sent[key] = (conn, token)
+                conn.send_oneway([MsgType.PUBLISH, wire_id, key[0], reg])
         except LeaderLostError:
             return
         self._set_route(state, (conn, wire_id))
@@ -538,6 +541,7 @@ class Node:
             if not live:  # unsubscribed before the answer came, so unsubscribe() sent nothing
                 self.loop.call_soon_threadsafe(self._withdraw, conn, state, sub, key_id)
 
+        sub.sent_on = conn
         _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped, internal=True)
         fut.add_done_callback(functools.partial(self._subscribed, state, sub))
 
@@ -825,8 +829,9 @@ class Node:
     def _sub_route(self, state: ChannelState, sub: LocalSub) -> None:
         route = state.route
         if type(route) is ChannelHost:
-            self._host_subscribe(route, state, sub)
-        elif route is not None:
+            if sub.sent_on is not route:
+                self._host_subscribe(route, state, sub)
+        elif route is not None and sub.sent_on is not route[0]:
             try:
                 self._send_subscribe(route[0], state, sub)
             except LeaderLostError:
@@ -881,18 +886,26 @@ class Node:
         if state.options.encode_locally:
             reg = self.mirror.publication(body)
         key = (method, canonical(reg))
+        token = object()
         with state.lock:
-            state.publications[key] = reg
+            state.publications[key] = (reg, token)
             state.publishers.setdefault(key, set()).add(owner)
-        self.loop.call_soon_threadsafe(self._pub_route, state, method, reg)
+        self.loop.call_soon_threadsafe(self._pub_route, state, key, reg, token)
 
-    def _pub_route(self, state: ChannelState, method: str, reg: Any) -> None:
+    def _pub_route(self, state: ChannelState, key: tuple[str, bytes], reg: Any, token: object) -> None:
         route = state.route
+        if route is None:
+            return  # published on the next route
+        target = route if type(route) is ChannelHost else route[0]
+        sent = state.pub_sent.get(key)
+        if sent is not None and sent[0] is target and sent[1] is token:
+            return  # the route's replay sent this very publish()
+        state.pub_sent[key] = (target, token)
         if type(route) is ChannelHost:
-            self._host_call(state, route.publish, method, reg)
-        elif route is not None:
+            self._host_call(state, route.publish, key[0], reg)
+        else:
             try:
-                route[0].send_oneway([MsgType.PUBLISH, route[1], method, reg])
+                route[0].send_oneway([MsgType.PUBLISH, route[1], key[0], reg])
             except LeaderLostError:
                 pass  # published again on the next leader
 
@@ -1035,6 +1048,7 @@ def _drop_publications(state: ChannelState, owner: Any) -> None:
         if not owners:
             del state.publishers[key]
             state.publications.pop(key, None)
+            state.pub_sent.pop(key, None)
 
 
 def _mark_closing(nodes: list[Node]) -> list[Node]:

@@ -53,7 +53,12 @@ class ChannelState:
     spec: dict[str, MethodSpec]
     options: Options
     subs: dict[tuple[str, bytes], LocalSub] = attrs.field(factory=dict)
-    publications: dict[tuple[str, bytes], Any] = attrs.field(factory=dict)
+    #: each publication: its reg, and a token of the publish() that made it
+    publications: dict[tuple[str, bytes], tuple[Any, object]] = attrs.field(factory=dict)
+    #: where each publication went last (a ChannelHost or a connection), with its
+    #: token: a publish() queued before a new route's replay, which sent it, is
+    #: not sent again
+    pub_sent: dict[tuple[str, bytes], tuple[Any, object]] = attrs.field(factory=dict)
     #: the clients that published each of ``publications``
     publishers: dict[tuple[str, bytes], set[Any]] = attrs.field(factory=dict)
     clients: list[Any] = attrs.field(factory=list)

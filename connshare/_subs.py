@@ -137,7 +137,7 @@ def _without(listeners: list[Listener], fn: Callable[[Any], Any] | None, owner: 
 class LocalSub:
     """This process's subscription to one key of one channel."""
 
-    __slots__ = ("canon", "has_value", "key_id", "listeners", "lock", "method", "mirror", "reg", "value")
+    __slots__ = ("canon", "has_value", "key_id", "listeners", "lock", "method", "mirror", "reg", "sent_on", "value")
 
     def __init__(self, method: str, reg: Any, canon: bytes) -> None:
         self.method = method
@@ -147,6 +147,9 @@ class LocalSub:
         self.has_value = False
         self.value: Any = None
         self.key_id: int | None = None  # the leader's id for it, while following
+        #: the route (a ChannelHost or a connection) it was last subscribed on: the
+        #: route's replay and the subscribe() queued before it send it once between them
+        self.sent_on: Any = None
         self.lock = threading.Lock()
         #: encode_locally: values from this process's own channel host cross the wire
         self.mirror: Mirror | None = None

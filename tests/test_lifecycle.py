@@ -220,3 +220,50 @@ def test_an_api_clients_close_that_calls_super_closes_the_shared_client(port, up
     assert api.cache == {} and api._client.closed and api._client.role == "closed"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # the port is free for the next leader
+
+
+class SlowStart(Base):
+    """A real client whose constructor waits for the test: what a process
+    subscribes and publishes meanwhile is queued behind it."""
+
+    def __init__(self, started: threading.Event, go: threading.Event) -> None:
+        super().__init__()
+        started.set()
+        go.wait(10)
+        self.listeners: list[Any] = []
+        self.published: list[Any] = []
+        self.ready(True)
+
+    def subscribe(self, reg: Any, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def publish(self, reg: Any) -> None:
+        self.published.append(reg)
+
+    async def push(self, value: Any) -> int:
+        for fn in self.listeners:
+            fn(value)
+        return len(self.listeners)
+
+    async def counts(self) -> tuple[int, int]:
+        return len(self.listeners), len(self.published)
+
+
+def test_what_is_subscribed_and_published_while_the_real_client_starts_reaches_it_once() -> None:
+    started, go = threading.Event(), threading.Event()
+    c = cluster(SlowStart, name="slow-start", single_mode=True).delegate("push").delegate("counts").create(started, go)
+    try:
+        assert started.wait(10)
+        got: list[Any] = []
+        c.subscribe({"k": 1}, got.append)
+        c.publish({"me": 1})
+        go.set()
+        c.wait_ready(10)
+        assert asyncio.run(c.push("v")) == 1
+        assert asyncio.run(c.counts()) == (1, 1)
+        wait_until(lambda: got, what="the value")
+        asyncio.run(c.counts())  # a pass of connshare's loop: a second delivery would be in by now
+        assert got == ["v"]
+    finally:
+        go.set()
+        c.close()
