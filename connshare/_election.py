@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import socket
+import sys
 
 from ._errors import AuthenticationError, LimitExceededError, PortInUseError, ProtocolError, ProtocolVersionError
 from ._options import Options
@@ -52,6 +53,40 @@ def try_bind(port: int) -> socket.socket | None:
         raise
     sock.setblocking(False)
     return sock
+
+
+def _marker_name(port: int) -> bytes:
+    return f"\0connshare-leader:{HOST}:{port}".encode()
+
+
+def hold_marker(port: int) -> socket.socket | None:
+    """Linux: an abstract Unix socket name, held while this process leads ``port``.
+
+    Followers look for it when a handshake times out. A leader whose loop is busy
+    (a real client's constructor runs there) cannot answer, but it holds this
+    name, and a foreign program on the port does not. The kernel lets it go with
+    the process; its scope, a network namespace, is that of 127.0.0.1."""
+    if not sys.platform.startswith("linux"):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(_marker_name(port))
+    except OSError:
+        sock.close()  # held still by the leader before us, on its way out
+        return None
+    return sock
+
+
+def leader_holds_marker(port: int) -> bool:
+    """Whether a connshare process leads ``port``, however busy (see hold_marker)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(_marker_name(port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def port_owner(port: int) -> tuple[str | None, str | None]:
@@ -117,6 +152,8 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
                     raise asyncio.TimeoutError
                 data = await asyncio.wait_for(loop.sock_recv(sock, 65536), left)
             except asyncio.TimeoutError:
+                if leader_holds_marker(port):
+                    raise Retry() from None  # a busy leader: ask again (until max_wait_time)
                 owner, status = port_owner(port)
                 if status in ("stopped", "tracing-stop", "zombie"):
                     raise Retry() from None  # a hung leader: wait for it to die

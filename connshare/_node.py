@@ -23,7 +23,7 @@ import weakref
 from typing import Any
 
 from . import _polling, _priority
-from ._election import Retry, connect_to_leader, port_owner, try_bind
+from ._election import Retry, connect_to_leader, hold_marker, port_owner, try_bind
 from ._errors import (
     CallTimeoutError,
     ChannelNotFoundError,
@@ -135,6 +135,8 @@ class Node:
         self.runner = CoroRunner(self.loop, options.wait_in_place or 0.0)  # the leader's coroutine calls
         self._tasks: set[asyncio.Task] = set()
         self._listen_sock: socket.socket | None = None
+        #: held while leading: see _election.hold_marker
+        self._marker: socket.socket | None = None
         # Followers' calls in flight here: run on the loop (counted there, no
         # lock), and run by worker threads (under _count_lock).
         self.inflight_loop = 0
@@ -341,6 +343,7 @@ class Node:
         self.role = Role.LEADER
         self.leader_pid = os.getpid()
         self._listen_sock = sock
+        self._marker = hold_marker(self.port)
         log.info("pid %s leads port %s", os.getpid(), self.port)
         nice = self.options.leader_nice
         if nice is not None:
@@ -357,7 +360,12 @@ class Node:
                 if interval is None:  # no heartbeat: wait to be cancelled
                     await asyncio.Event().wait()
                     continue
+                slept_from = time.monotonic()
                 await asyncio.sleep(interval)
+                if time.monotonic() - slept_from > 2 * interval:
+                    # This loop was held up (a slow constructor, a SIGSTOP): what
+                    # the followers sent meanwhile may be unread yet.
+                    continue
                 silent = time.monotonic() - 3 * interval
                 for peer in list(self.peers):
                     if peer.open and peer.last_rx < silent:
@@ -931,6 +939,9 @@ class Node:
                 self._accept_task.cancel()
                 # let the cancel land first: it unregisters the socket from the selector
                 await asyncio.gather(self._accept_task, return_exceptions=True)
+            if self._marker is not None:
+                self._marker.close()  # before the port: the next leader takes both
+                self._marker = None
             if self._listen_sock is not None:
                 self._listen_sock.close()  # the port is free for the next leader
             for peer in list(self.peers):
@@ -976,6 +987,8 @@ class Node:
         socks = []
         if self._listen_sock is not None:
             socks.append(self._listen_sock)
+        if self._marker is not None:
+            socks.append(self._marker)  # a child must not hold the name when the leader is gone
         for peer in self.peers:
             socks.append(peer.sock)
         if self.conn is not None:

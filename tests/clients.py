@@ -62,6 +62,10 @@ class KVClient(Base):
             return
         if fail == "exit":
             raise SystemExit("config missing")
+        if fail is not None and fail.startswith("slow-if:"):  # "slow-if:<path>:<seconds>"
+            _, path, seconds = fail.split(":")
+            if os.path.exists(path):  # an upstream slow to connect to, from the moment the test says
+                time.sleep(float(seconds))
         self._sock = socket.create_connection(("127.0.0.1", port))
         self._rfile = self._sock.makefile("rb")
         self._wlock = threading.Lock()

@@ -430,3 +430,42 @@ def test_a_subscription_made_while_the_leader_is_paused_works_once_it_resumes(po
     wait_until(lambda: _ok(follower), timeout=10, what="the leader to answer again")
     upstream.set("p", "resumed")
     follower.wait_event("p", lambda v: v["value"] == "resumed")
+
+
+def test_a_new_leader_slow_to_build_its_client_is_followed_not_taken_for_a_stranger(port, upstream, spawn, tmp_path) -> None:
+    # The real client's constructor runs on connshare's loop: while it connects
+    # upstream, the new leader cannot answer a handshake within connect_timeout.
+    slow = tmp_path / "slow"
+    spec = dict(kv_spec(port, upstream.port, connect_timeout=0.5, **FAST), args=[upstream.port, f"slow-if:{slow}:2"])
+    (first,) = spawn([spec])
+    first.ready()
+    survivors = spawn([spec], [spec])
+    for w in survivors:
+        w.ready()
+        w.subscribe({"key": "s"}, "s")
+    slow.touch()
+    first.kill()
+    for w in survivors:
+        wait_until(lambda w=w: _ok(w), timeout=20, what="every survivor to be served by the new leader")
+    assert sum(w.role()["is_leader"] for w in survivors) == 1
+    _everyone_gets(survivors, upstream, ("s",), "after")
+
+
+def test_a_leader_resumed_after_a_pause_keeps_its_followers(port, upstream, spawn) -> None:
+    leader, follower = _pair(port, upstream, spawn)
+    follower.subscribe({"key": "r"}, "r")
+    _everyone_gets([follower], upstream, ("r",), "before")
+    conn = follower.request("conn_id", "0")
+    leader.kill(signal.SIGSTOP)
+    paused = time.monotonic()
+    try:
+        wait_until(lambda: _raises(follower, "LeaderUnresponsiveError"), timeout=10, what="the pause to be noticed")
+        # The scenario: a pause of 1.5 s, over twice the 0.6 s of silence for
+        # which the leader drops a follower.
+        time.sleep(max(0.0, 1.5 - (time.monotonic() - paused)))
+    finally:
+        leader.kill(signal.SIGCONT)
+    wait_until(lambda: _ok(follower), timeout=10, what="the leader to answer again")
+    # Its pings were waiting unread when the leader's loop resumed: not a reason to drop it.
+    assert follower.request("conn_id", "0") == conn
+    _everyone_gets([follower], upstream, ("r",), "after")
