@@ -177,7 +177,11 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
                     if hs.state is HandshakeState.OPEN:
                         early = decoder.rest()
                         break
-            except (AuthenticationError, ProtocolVersionError, LimitExceededError):
+            except LimitExceededError:
+                if hs.peer_pid is None:  # said before it proved the secret: anyone can say it
+                    raise Retry() from None
+                raise
+            except (AuthenticationError, ProtocolVersionError):
                 raise
             except ProtocolError as exc:
                 owner, _ = port_owner(port)

@@ -119,9 +119,12 @@ class PeerProtocol:
 
     def start(self) -> None:
         """Begin serving (on the loop)."""
-        if len(self.node.peers) >= self.options.max_followers:
+        # Peers still in the handshake do not count towards max_followers (anyone
+        # can connect; see _handshake_step), but so many at once are refused: such a
+        # refusal, made before we prove the secret, only makes a follower try again.
+        if len(self.node.peers) >= 2 * self.options.max_followers:
             self.node.peers.add(self)
-            self._refuse(LimitExceededError(f"the leader serves max_followers={self.options.max_followers} already"), ErrorCode.LIMIT)
+            self._refuse(LimitExceededError(f"{len(self.node.peers) - 1} connections at once; try again"), ErrorCode.LIMIT)
             return
         self.node.peers.add(self)
         add_reader_in_place(self.loop, self.fd, self._on_readable)
@@ -356,6 +359,11 @@ class PeerProtocol:
             self.write(self.codec.encode(LeaderHandshake.reply_for(exc)))
             self.close_after_flush()
             return
+        if self.handshake.state is HandshakeState.OPEN and self._followers_full():
+            # Only now: a follower believes a refusal from a leader that has proven it
+            # knows the secret, and strangers that never do cannot fill the places.
+            self._refuse(LimitExceededError(f"the leader serves max_followers={self.options.max_followers} already"), ErrorCode.LIMIT)
+            return
         for m in replies:
             self.write(self.codec.encode(m))
         if self.handshake.state is HandshakeState.OPEN:
@@ -364,6 +372,9 @@ class PeerProtocol:
                 self._hs_timer.cancel()
             if self.node.leaving:
                 self.send([MsgType.GOODBYE])
+
+    def _followers_full(self) -> bool:
+        return sum(1 for p in self.node.peers if p.open) >= self.options.max_followers
 
     # -- messages ---------------------------------------------------------------------------
 

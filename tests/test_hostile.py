@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import signal
 import threading
 import time
@@ -26,7 +27,7 @@ from connshare._protocol import MESSAGES, ONEWAY, Codec, ErrorCode, FrameDecoder
 from tests.conftest import pick_port
 from tests.harness import AgentError, Worker, blast_until_subscribed, wait_until
 from tests.hostile_clients import BlastClient, blast_spec, in_process_leader
-from tests.rawpeer import HEADER, LogCapture, RawPeer, frame, pack
+from tests.rawpeer import HEADER, FakeServer, LogCapture, RawPeer, frame, hs_pack, pack
 
 SECRET = "hostile tests' shared secret ok!"
 MAX_FRAME = 1 << 20
@@ -618,6 +619,36 @@ def test_one_followers_slow_calls_do_not_delay_anothers(port) -> None:
 
 
 # -- limits that need a leader of their own ----------------------------------------------------
+
+
+def test_strangers_that_never_prove_the_secret_take_no_follower_place(port, spawn) -> None:
+    (leader,) = spawn([blast_spec(port, secret=SECRET, max_followers=2)])
+    assert leader.ready()["is_leader"]
+    strangers = [RawPeer(port) for _ in range(3)]  # connected, silent
+    try:
+        (follower,) = spawn([blast_spec(port, secret=SECRET, max_followers=2)])
+        assert follower.ready()["is_leader"] is False
+        assert follower.call("whoami") == leader.pid
+    finally:
+        for p in strangers:
+            p.close()
+
+
+def test_a_refusal_said_before_the_secret_is_proven_is_not_believed(port) -> None:
+    # A stranger on the port answers HELLO with connshare's "too many followers":
+    # the follower tries again rather than give up, and leads once the port is free.
+    refuse = hs_pack([MsgType.ERROR, 0, ErrorCode.LIMIT, "LimitExceededError", "max_followers", [], ""])
+    server = FakeServer(port, lambda _: refuse)
+    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET, connect_timeout=1).delegate("whoami").create()
+    try:
+        wait_until(lambda: len(server.frames()) >= 2, what="the follower to ask again")
+        assert not client.is_ready
+        server.close()
+        client.wait_ready(10)
+        assert client.is_leader and client.whoami() == os.getpid()
+    finally:
+        client.close()
+        server.close()
 
 
 def test_max_followers(port, spawn) -> None:
