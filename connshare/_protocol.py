@@ -526,10 +526,15 @@ class MessageDecoder:
             return self._feed_in_pieces(memoryview(data))
         fed = self._fed = self._fed + len(data)
         end = self._end
+        limit = self.max_size
         out = []
         try:
             for wire in unpacker:
-                end = unpacker.tell()
+                # A message a read completed: its bytes, the partial ones before it too.
+                at = unpacker.tell()
+                if at - end > limit:
+                    raise FrameTooLargeError(f"a message of {at - end} bytes exceeds max_frame_size={limit}")
+                end = at
                 check_shape(wire)
                 out.append(wire)
                 if end == fed:

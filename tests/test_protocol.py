@@ -421,3 +421,25 @@ def test_an_error_message_that_names_a_class_it_cannot_build_becomes_a_remote_er
     # A class that refuses to be built from the args that came.
     exc = exception_from(Error(2, ErrorCode.RAISED, "builtins:UnicodeDecodeError", "x", ["only one"], "tb"))
     assert isinstance(exc, RemoteError) and exc.remote_traceback == "tb"  # type: ignore[attr-defined]
+
+
+def test_a_message_one_byte_over_the_limit_is_refused_however_it_arrives() -> None:
+    def message(size: int) -> bytes:
+        body = msgpack.packb([MsgType.RESULT, 1, ""])
+        data = msgpack.packb([MsgType.RESULT, 1, "x" * (size - len(body) - 2)])
+        assert len(data) == size
+        return data
+
+    limit = 1000
+    ping = msgpack.packb([MsgType.PING, 1])
+    for split in (None, 1, 500, 999):
+        exact, over = message(limit), message(limit + 1)
+        for data, ok in ((exact, True), (over, False)):
+            dec = MessageDecoder(limit)
+            pieces = [data + ping] if split is None else [data[:split], data[split:] + ping]
+            if ok:
+                assert [m for p in pieces for m in dec.feed(p)] == [msgpack.unpackb(exact), [MsgType.PING, 1]]
+            else:
+                with pytest.raises(FrameTooLargeError, match="max_frame_size=1000"):
+                    for p in pieces:
+                        dec.feed(p)
