@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from ._deadlines import LoopDeadlines
 from ._errors import (
     CallTimeoutError,
+    ClientClosedError,
     ConnshareError,
     LeaderLostError,
     LeaderUnresponsiveError,
@@ -1100,10 +1101,13 @@ class FollowerConnection:
             unsent = self._unsent.union(self._wrids)
             self._wbuf, self._wrids, self._unsent = bytearray(), [], set()
         pid = self.peer_pid
+        closed_here = isinstance(self.lost, ClientClosedError)
 
         def error(rid: int) -> BaseException:
             if rid in unsent:
                 return NotSentError(f"the connection to the leader (pid {pid}) ended before the request was sent")
+            if closed_here:  # the leader is fine: this process left it
+                return ClientClosedError(f"the client was closed with the call in flight; it may or may not have run (leader pid {pid})")
             return LeaderLostError(f"the leader (pid {pid}) went away with the call in flight; it may or may not have run")
 
         self.fail_pending(error)

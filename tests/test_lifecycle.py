@@ -115,6 +115,19 @@ def test_a_frozen_exception_class_reaches_the_caller_as_itself(port, upstream, s
     assert follower.call("echo", 1) == 1
 
 
+def test_a_call_in_flight_when_its_own_process_closes_says_so(port, upstream, spawn) -> None:
+    (leader,) = spawn([kv_spec(port, upstream.port)])
+    leader.ready()
+    (follower,) = spawn([kv_spec(port, upstream.port)])
+    follower.ready()
+    follower.request("call_in_thread", "0", "sleep", [5], "slow")
+    wait_until(lambda: follower.request("pending", "0") == 1, what="the call in flight")
+    follower.request("close", "0")
+    outcome, desc = follower.request("join_call", "slow")
+    assert outcome == "raised" and desc["type"] == "ClientClosedError", desc  # not a lost leader: it is fine
+    assert leader.call("echo", 1) == 1
+
+
 class NeverReady(Base):
     """A real client that never says it is ready."""
 
