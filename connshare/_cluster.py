@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._base import Base
+from ._base import _UNSET, Base
 from ._errors import ClientClosedError, ConfigurationError
 from ._loop import forbid_loop_thread, on_loop_thread
 from ._node import Node, Role, node_for
@@ -155,8 +155,8 @@ class ClusterClient(Base):
         """Block until ready; raise ``NotReadyError`` (its ``__cause__`` says why:
         a start-up failure, or ``ClientClosedError`` if closed first), or
         ``TimeoutError``. On connshare's own thread, where it would wait forever,
-        it raises ``ConcurrencyError`` unless the client is ready."""
-        if not self.is_ready and on_loop_thread():
+        it raises ``ConcurrencyError`` unless the client is ready or failed."""
+        if self._ready_state is _UNSET and on_loop_thread():
             forbid_loop_thread("wait_ready() on a client that is not ready")
         super().wait_ready(timeout)
 
