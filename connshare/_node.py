@@ -962,8 +962,8 @@ class Node:
             # a closed client, or pending until the loop goes at exit.
             await self.runner.cancel_running(1.0)
         if self.conn is not None:
+            # (what still waits on it hears so: see FollowerConnection._finish)
             self.conn.abort(ClientClosedError("this process closed its clients"))
-            self.conn.close()
             self.conn = None
         for st in self.channels.values():
             self._clear_route(st)

@@ -54,13 +54,12 @@ def canonical(reg: Any) -> bytes:
 class Listener:
     """A listener and where it runs: the loop it was registered from, else connshare's."""
 
-    __slots__ = ("fn", "is_coro", "loop", "owner")
+    __slots__ = ("fn", "loop", "owner")
 
     def __init__(self, fn: Callable[[Any], Any], owner: Any = None) -> None:
         self.fn = fn
         #: the client that subscribed it: its close() or unsubscribe(reg) ends it
         self.owner = owner
-        self.is_coro = inspect.iscoroutinefunction(fn)
         try:
             self.loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -99,10 +98,10 @@ class Listener:
 
     @classmethod
     def home(cls, fn: Callable[[Any], Any]) -> Listener:
-        """``fn`` (not a coroutine function) as a listener of connshare's loop: it
-        runs there in order with the event listeners that run there."""
+        """``fn`` as a listener of connshare's loop: it runs there in order with the
+        event listeners that run there."""
         ls = cls.__new__(cls)
-        ls.fn, ls.is_coro, ls.loop, ls.owner = fn, False, None, None
+        ls.fn, ls.loop, ls.owner = fn, None, None
         return ls
 
     def _run_queued(self, value: Any) -> None:
@@ -112,12 +111,10 @@ class Listener:
     def run(self, value: Any) -> None:
         """Run the listener here and now (on its loop)."""
         try:
-            if self.is_coro:
-                keep(asyncio.ensure_future(self.fn(value))).add_done_callback(_log_task_error)
-            else:
-                res = self.fn(value)
-                if res is not None and inspect.isawaitable(res):  # a lambda around a coroutine function
-                    keep(asyncio.ensure_future(res)).add_done_callback(_log_task_error)
+            res = self.fn(value)
+            # an async def listener, or a lambda around one: run what it made
+            if res is not None and inspect.isawaitable(res):
+                keep(asyncio.ensure_future(res)).add_done_callback(_log_task_error)
         except Exception:
             log.exception("subscription listener %r raised", self.fn)
 
