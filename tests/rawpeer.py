@@ -217,6 +217,10 @@ class FakeServer:
         self.received: list[bytearray] = []
         self.lock = threading.Lock()
         self.sock = socket.socket()
+        # As most servers do. Without it the connections it closes first sit in
+        # TIME_WAIT without SO_REUSEADDR, and Linux refuses to bind the port, even
+        # to a socket with it, for a minute after the server has gone.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))
         self.sock.listen(16)
         self._conns: list[socket.socket] = []
