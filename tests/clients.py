@@ -76,6 +76,17 @@ class KVClient(Base):
         self.notes: list[Any] = []
         self.regs: list[Any] = []
         threading.Thread(target=self._read, daemon=True).start()
+        if fail is not None and fail.startswith("ready-after:"):
+            # refused by the upstream once the test says, after it has added its listeners
+            deadline = time.monotonic() + 10
+            while not os.path.exists(fail[12:]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.ready(RuntimeError("upstream refused us"))
+            return
+        if fail is not None and fail.startswith("ready-if:") and os.path.exists(fail[9:]):
+            # connected, but refused by the upstream from the moment the test says
+            self.ready(RuntimeError("upstream refused us"))
+            return
         self.ready(True)
 
     def _send(self, msg: dict) -> None:

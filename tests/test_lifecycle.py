@@ -196,10 +196,11 @@ class StartFails(APIClientBase):
     cluster_options = {"name": "api-start-fails", "single_mode": True}
 
 
-def test_an_api_client_reports_a_start_up_failure_once(upstream) -> None:
-    api = StartFails(upstream.port, "ready")
+def test_an_api_client_reports_a_start_up_failure_once(upstream, tmp_path) -> None:
+    api = StartFails(upstream.port, f"ready-after:{tmp_path / 'fail'}")
     errors: list[BaseException] = []
     api.on("error", errors.append)
+    (tmp_path / "fail").touch()
     try:
         with pytest.raises(NotReadyError):
             api.wait_ready(10)
