@@ -5,6 +5,7 @@
     ├── ConcurrencyError (RuntimeError)      a blocking call on connshare's own thread
     ├── ClientClosedError (RuntimeError)     the client was closed
     ├── NotReadyError                        the client could not become ready
+    │   └── ChannelDownError                 its real client is being started again
     ├── ElectionError                        no leader could be found or become one
     │   ├── PortInUseError (OSError)         a foreign program holds the port
     │   └── LeaderNotFoundError              forced follower: no leader in max_wait_time
@@ -48,6 +49,12 @@ class ClientClosedError(ConnshareError, RuntimeError):
 
 class NotReadyError(ConnshareError):
     """The client did not become ready: its ``__cause__`` says why."""
+
+
+class ChannelDownError(NotReadyError):
+    """The channel served, but its real client is not serving for now: a new leader
+    is building it again (its upstream may be down). Calls raise it at once until
+    the real client starts; its ``__cause__`` says why the last attempt failed."""
 
 
 class ElectionError(ConnshareError):

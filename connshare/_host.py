@@ -69,15 +69,22 @@ class ChannelHost:
         self._key_ids = key_ids
         self.real: Any = None
         self.ready: asyncio.Future[None] = loop.create_future()
+        #: done when the attempt to start under way ends (replaced by the next)
+        self.attempt: asyncio.Future[None] = loop.create_future()
+        #: why the real client is not serving, while it is being started again
+        self.down: BaseException | None = None
         self.keys: dict[tuple[str, bytes], KeyState] = {}
         self.peers: set[Any] = set()
         self.broadcast = state.options.is_broadcast
         #: resolve_spec's answers, per method name (every remote call asks)
         self._calls: dict[str, tuple[Callable[..., Any], MethodSpec]] = {}
 
-    async def start(self) -> None:
-        """Build the real client on connshare's loop and wait until it is ready."""
+    async def start(self) -> BaseException | None:
+        """Build the real client on connshare's loop and wait until it is ready: one
+        attempt. ``ready`` is done if it succeeded; if it failed, the error is
+        returned and the caller settles ``ready`` (:meth:`fail`) or tries again."""
         st = self.state
+        real = None
         try:
             real = st.cls(*st.args, **st.kwargs)
             self.real = real
@@ -86,15 +93,26 @@ class ChannelHost:
                 await asyncio.wait_for(real.ready(), st.options.max_wait_time)
         except BaseException as exc:
             log.error("channel %r: the real client failed to start: %r", st.name, exc)
-            err = exc if isinstance(exc, Exception) else NotReadyError(repr(exc))
-            if not self.ready.done():
-                self.ready.set_exception(err)
-                self.ready.exception()  # retrieved: waiters re-raise it
+            if real is not None:
+                # Built but never ready: it may hold a connection. Closed now, so
+                # that a retry does not leave it open.
+                await self.close()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            return  # a SystemExit too: it would end connshare's loop thread
+            # A SystemExit too: raised here it would end connshare's loop thread.
+            return exc if isinstance(exc, Exception) else NotReadyError(repr(exc))
+        finally:
+            attempt, self.attempt = self.attempt, self.loop.create_future()
+            attempt.set_result(None)
         if not self.ready.done():
             self.ready.set_result(None)
+        return None
+
+    def fail(self, exc: BaseException) -> None:
+        """No more attempts: whoever waits for ``ready`` gets ``exc``."""
+        if not self.ready.done():
+            self.ready.set_exception(exc)
+            self.ready.exception()  # retrieved: waiters re-raise it
 
     # -- errors from the real client ---------------------------------------------
 

@@ -26,6 +26,7 @@ from . import _polling, _priority
 from ._election import Retry, connect_to_leader, hold_marker, port_owner, try_bind
 from ._errors import (
     CallTimeoutError,
+    ChannelDownError,
     ChannelNotFoundError,
     ClientClosedError,
     ConfigurationError,
@@ -81,6 +82,11 @@ _STALE_POLL_S = (0.0005, 0.02)
 #: how long past its deadline a caller waits for the election's verdict when that
 #: verdict is due about as its own wait ends (an attempt and a back-off: < 0.1 s)
 _VERDICT_GRACE_S = 0.25
+
+#: A channel that has served in this process and whose real client then fails to
+#: start (a new leader while its upstream is down) is started again after 0.1 s,
+#: doubling to 5 s; a follower asks again for it on the same schedule.
+_RESTART_DELAY_S = (0.1, 5.0)
 
 #: Failures of the connection, not answers of the leader: a subscription that met
 #: one is kept, and sent again to the next connection or leader.
@@ -187,6 +193,8 @@ class Node:
                 client.ready(True)
             elif existing.fatal is not None:
                 client.ready(existing.fatal)
+            elif existing.down is not None:
+                client.ready(existing.down)
             return existing
         self.loop.call_soon_threadsafe(self._channel_added, state)
         return state
@@ -231,6 +239,8 @@ class Node:
 
     def _set_route(self, state: ChannelState, route: Any) -> None:
         state.route = route
+        state.down = None
+        state.served = True
         if not state.avail.done():
             state.avail.set_result(None)
         for c in list(state.clients):
@@ -240,9 +250,32 @@ class Node:
         if state.avail.done():
             state.avail = Avail()
         state.route = None  # after the new Avail: a caller that sees None waits on it
+        state.down = None  # the next leader may serve it: callers wait for it again
         state.wire_id = None
         for sub in state.subs.values():
             sub.key_id = None
+
+    def _channel_down(self, state: ChannelState, host: ChannelHost | None, exc: BaseException, delay: float) -> None:
+        """The channel cannot serve for now: calls raise at once, each process hears
+        it once per outage, and the real client (or a follower's registration) is
+        tried again in ``delay`` s."""
+        if host is not None:
+            err = ChannelDownError(f"channel {state.name!r}: the real client failed to start: {exc!r}; trying again")
+            host.down = err
+        else:  # the leader's answer says why
+            err = ChannelDownError(f"{exc}; trying again")
+        err.__cause__ = exc
+        first = state.down is None
+        state.down = err
+        if not state.avail.done():
+            state.avail.set_result(None)  # wake waiters: they raise state.down
+        if first:
+            log.warning("%s (in %g s, then less and less often)", err, delay)
+            for c in list(state.clients):
+                if state.served:
+                    c.emit("error", err)
+                else:  # not ready yet: wait_ready() raises it, and calls work once it serves
+                    c.ready(err)
 
     def _channel_failed(self, state: ChannelState, exc: BaseException) -> None:
         state.fatal = exc
@@ -426,13 +459,29 @@ class Node:
             self._hosts_changed.set()
 
         async def start() -> None:
-            await host.start()
-            if host.ready.exception() is not None:
-                self._channel_failed(
-                    state, NotReadyError(f"channel {state.name!r}: the real client failed to start: {host.ready.exception()!r}")
-                )
-                state.fatal.__cause__ = host.ready.exception()  # type: ignore[union-attr]
+            delay = _RESTART_DELAY_S[0]
+            while (exc := await host.start()) is not None:
+                if self.hosts.get(state.name) is not host:
+                    return  # closed meanwhile
+                if not state.served:
+                    # Its first start: the app hears why at once (wait_ready()), as
+                    # it would from a client of its own, and nothing is retried.
+                    host.fail(exc)
+                    err = NotReadyError(f"channel {state.name!r}: the real client failed to start: {exc!r}")
+                    err.__cause__ = exc
+                    self._channel_failed(state, err)
+                    return
+                self._channel_down(state, host, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RESTART_DELAY_S[1])
+                if self.hosts.get(state.name) is not host:
+                    return
+            if self.hosts.get(state.name) is not host:
+                await host.close()  # the node closed while it started: not to be leaked
                 return
+            if host.down is not None:
+                log.warning("channel %r: the real client started again", state.name)
+                host.down = None
             for sub in list(state.subs.values()):
                 self._host_subscribe(host, state, sub)
             for key, (reg, token) in list(state.publications.items()):
@@ -475,8 +524,12 @@ class Node:
             except asyncio.TimeoutError:
                 pass
         host = self.hosts[name]
+        while not host.ready.done():
+            if host.down is not None:  # being started again: say so now, not at the timeout
+                raise ChannelDownError(f"channel {name!r}: the leader's real client failed to start: {host.down.__cause__!r}")
+            await asyncio.shield(host.attempt)
         try:
-            await asyncio.shield(host.ready)
+            host.ready.result()
         except Exception as exc:
             raise NotReadyError(f"channel {name!r}: the leader's real client failed to start: {exc!r}") from exc
         return host
@@ -505,26 +558,31 @@ class Node:
             hb.cancel()
 
     async def _register(self, conn: FollowerConnection, state: ChannelState) -> None:
-        rid = 0
-        try:
-            rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name, state.cls.__qualname__], self.loop, internal=True)
+        delay = _RESTART_DELAY_S[0]
+        while True:
             try:
-                # Our own max_wait_time bounds this, whatever the leader's is.
-                wire_id = await asyncio.wait_for(fut, state.options.max_wait_time)
-            except asyncio.TimeoutError:
-                conn.forget(rid)
-                raise ChannelNotFoundError(
-                    f"the leader (pid {conn.peer_pid}) on port {self.port} hosts no channel {state.name!r} "
-                    f"(waited max_wait_time={state.options.max_wait_time} s); if another app uses this port, "
-                    "give each app its own port (port= or CONNSHARE_PORT)"
-                ) from None
-        except (ChannelNotFoundError, NotReadyError) as exc:
-            if conn is self.conn:
-                self._channel_failed(state, exc)
-            return
-        except _CONNECTION_TROUBLE as exc:
-            log.debug("registering %r failed: %r", state.name, exc)  # redone on the next connection
-            return
+                wire_id = await self._register_once(conn, state)
+                break
+            except NotReadyError as exc:
+                if conn is not self.conn:
+                    return
+                if not state.served and not isinstance(exc, ChannelDownError):
+                    self._channel_failed(state, exc)  # its first start failed: for good
+                    return
+                # The leader is building its real client again (its upstream is
+                # down), or it failed after this process had it: ask again.
+                self._channel_down(state, None, exc, delay)
+            except ChannelNotFoundError as exc:
+                if conn is self.conn:
+                    self._channel_failed(state, exc)
+                return
+            except _CONNECTION_TROUBLE as exc:
+                log.debug("registering %r failed: %r", state.name, exc)  # redone on the next connection
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_DELAY_S[1])
+            if conn is not self.conn or self.closing:
+                return
         if conn is not self.conn:
             return
         state.wire_id = wire_id
@@ -538,6 +596,19 @@ class Node:
         except LeaderLostError:
             return
         self._set_route(state, (conn, wire_id))
+
+    async def _register_once(self, conn: FollowerConnection, state: ChannelState) -> int:
+        rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name, state.cls.__qualname__], self.loop, internal=True)
+        try:
+            # Our own max_wait_time bounds this, whatever the leader's is.
+            return await asyncio.wait_for(fut, state.options.max_wait_time)
+        except asyncio.TimeoutError:
+            conn.forget(rid)
+            raise ChannelNotFoundError(
+                f"the leader (pid {conn.peer_pid}) on port {self.port} hosts no channel {state.name!r} "
+                f"(waited max_wait_time={state.options.max_wait_time} s); if another app uses this port, "
+                "give each app its own port (port= or CONNSHARE_PORT)"
+            ) from None
 
     def _send_subscribe(self, conn: FollowerConnection, state: ChannelState, sub: LocalSub) -> None:
         def mapped(key_id: int) -> None:  # in the reader (any thread), before the first EVENT
@@ -631,6 +702,8 @@ class Node:
             return route, 0.0
         if state.fatal is not None:
             raise state.fatal
+        if state.down is not None:
+            raise state.down
         if self.closing and self.role is Role.CLOSED:
             raise ClientClosedError("the client is closed")
         now = time.monotonic()

@@ -71,6 +71,11 @@ class ChannelState:
     avail: Avail = attrs.field(factory=Avail)
     #: why the channel cannot serve at all, if it cannot
     fatal: BaseException | None = None
+    #: why the channel cannot serve for now: the real client is being started
+    #: again, and calls raise this at once rather than wait
+    down: BaseException | None = None
+    #: whether the channel has served in this process (a route was set)
+    served: bool = False
 
     def kind_method(self, to: str) -> str | None:
         for s in self.spec.values():

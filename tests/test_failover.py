@@ -469,3 +469,86 @@ def test_a_leader_resumed_after_a_pause_keeps_its_followers(port, upstream, spaw
     # Its pings were waiting unread when the leader's loop resumed: not a reason to drop it.
     assert follower.request("conn_id", "0") == conn
     _everyone_gets([follower], upstream, ("r",), "after")
+
+
+def test_a_new_leader_whose_upstream_is_down_starts_its_client_again(port, upstream, spawn) -> None:
+    # The leader dies while the upstream is down (it may be why): the new leader's
+    # real client cannot connect. Its channel served before, so it is not lost.
+    spec = kv_spec(port, upstream.port, **FAST)
+    (first,) = spawn([spec])
+    first.ready()
+    survivors = spawn([spec], [spec])
+    for i, w in enumerate(survivors):
+        w.ready()
+        w.subscribe({"key": "d"}, "d")
+        w.request("publish", "0", {"from": i})
+    assert upstream.wait_for(lambda s: len(s.published()) == 2)
+    upstream.down()
+    first.kill()
+    for w in survivors:
+        # calls fail at once, and say why, rather than wait for max_wait_time
+        wait_until(lambda w=w: _raises(w, "ChannelDownError"), timeout=10, what="calls to fail fast")
+        errs = wait_until(lambda w=w: w.request("errors", "0"), what="the outage reported")
+        assert errs[0]["type"] == "ChannelDownError" and "ConnectionRefusedError" in errs[0]["message"]
+    # A process started during the outage is told so by wait_ready(), and served later.
+    (late,) = spawn([spec])
+    with pytest.raises(AgentError) as info:
+        late.ready(timeout=20)
+    assert info.value.type == "NotReadyError" and "ConnectionRefusedError" in info.value.desc["message"]
+    late.subscribe({"key": "d"}, "d")
+    upstream.up()
+    for w in (*survivors, late):
+        wait_until(lambda w=w: _ok(w), timeout=20, what="the channel to serve again")
+    late.ready()  # ready now
+    assert sum(w.role()["is_leader"] for w in survivors) == 1
+    assert upstream.live_connections == 1
+    assert upstream.wait_for(lambda s: sorted(p["from"] for p in s.published()) == [0, 1])
+    _everyone_gets([*survivors, late], upstream, ("d",), "back")
+    # one report per outage, not one per attempt
+    assert all(len(w.request("errors", "0")) == 1 for w in (*survivors, late))
+
+
+def test_a_leader_starting_its_client_again_hands_off_promptly(port, upstream, spawn) -> None:
+    spec = kv_spec(port, upstream.port, **FAST)
+    (first,) = spawn([spec])
+    first.ready()
+    survivors = spawn([spec], [spec])
+    for w in survivors:
+        w.ready()
+        w.subscribe({"key": "h"}, "h")
+    upstream.down()
+    first.kill()
+    for w in survivors:
+        wait_until(lambda w=w: _raises(w, "ChannelDownError"), timeout=10, what="calls to fail fast")
+    leader = _leader(survivors)
+    (other,) = [w for w in survivors if w is not leader]
+    t0 = time.monotonic()
+    leader.request("close", "0")
+    assert time.monotonic() - t0 < 3
+    upstream.up()
+    wait_until(lambda: _ok(other), timeout=20, what="the last process to serve")
+    assert other.role()["is_leader"]
+    assert upstream.wait_for(lambda s: s.live_connections == 1)
+    _everyone_gets([other], upstream, ("h",), "back")
+
+
+def test_a_real_client_that_failed_ready_is_closed_before_the_next_attempt(port, upstream, spawn, tmp_path) -> None:
+    refuse = tmp_path / "refuse"
+    spec = dict(kv_spec(port, upstream.port, **FAST), args=[upstream.port, f"ready-if:{refuse}"])
+    (first,) = spawn([spec])
+    first.ready()
+    survivors = spawn([spec], [spec])
+    for w in survivors:
+        w.ready()
+    refuse.touch()
+    before = upstream.total_connections
+    first.kill()
+    for w in survivors:
+        wait_until(lambda w=w: _raises(w, "ChannelDownError"), timeout=10, what="calls to fail fast")
+    # three attempts, each one's connection gone before the next
+    assert upstream.wait_for(lambda s: s.total_connections >= before + 3)
+    assert upstream.live_connections <= 1
+    refuse.unlink()
+    for w in survivors:
+        wait_until(lambda w=w: _ok(w), timeout=20, what="the channel to serve again")
+    assert upstream.wait_for(lambda s: s.live_connections == 1)

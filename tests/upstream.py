@@ -58,10 +58,21 @@ class UpstreamServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        self._server = Server(("127.0.0.1", 0), Handler)
+        self._handler = Handler
+        self._server_cls = Server
+        self.port = 0
+        self.up()
+
+    def up(self) -> None:
+        """Listen (again, on the same port after :meth:`down`); the data is kept."""
+        self._server = self._server_cls(("127.0.0.1", self.port), self._handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
+
+    def down(self) -> None:
+        """Stop listening and drop every connection: connecting is refused until :meth:`up`."""
+        self.close()
 
     def handle(self, conn: Any, msg: dict) -> None:
         op = msg["op"]
