@@ -108,12 +108,13 @@ def port_owner(port: int) -> tuple[str | None, str | None]:
     return None, None
 
 
-Followed = tuple[socket.socket, MessageDecoder, "int | None", bytes]
+Followed = tuple[socket.socket, Codec, MessageDecoder, "int | None", bytes]
 
 
 async def connect_to_leader(loop: asyncio.AbstractEventLoop, port: int, opts: Options, codec: Codec, secret: bytes) -> Followed:
-    """Connect to the port and pass the handshake: the socket, the decoder of its
-    messages, the leader's pid, and the bytes that came after WELCOME. Raises
+    """Connect to the port and pass the handshake: the socket, the codec to send
+    with (it keeps to the leader's max_frame_size), the decoder of its messages,
+    the leader's pid, and the bytes that came after WELCOME. Raises
     :class:`Retry` when the election should go round again; PortInUseError, or an
     authentication, version or limit error, when following there cannot work."""
     try:
@@ -139,7 +140,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
         if sock.getsockname() == sock.getpeername():
             raise Retry()  # TCP connected to itself: nobody listens there
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        hs = FollowerHandshake(secret)
+        hs = FollowerHandshake(secret, opts.max_frame_size)
         decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)  # a fake leader must not make us buffer much
         await loop.sock_sendall(sock, codec.encode(hs.start()))
         end = loop.time() + opts.connect_timeout
@@ -187,7 +188,8 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
                 owner, _ = port_owner(port)
                 raise PortInUseError(port, f"it does not speak connshare ({exc})", owner) from None
         keep = True
-        return sock, codec.decoder(opts.max_frame_size), hs.peer_pid, early
+        send_codec = codec.limited(hs.peer_max_frame_size or codec.max_frame_size, "the leader's ")
+        return sock, send_codec, codec.decoder(opts.max_frame_size), hs.peer_pid, early
     finally:
         if not keep:
             sock.close()

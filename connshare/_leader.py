@@ -84,7 +84,10 @@ class PeerProtocol:
         self.decoder = FrameDecoder(MAX_HANDSHAKE_FRAME)
         #: the open connection's messages: set once the handshake is done
         self.stream: MessageDecoder | None = None
-        self.handshake = LeaderHandshake(node.secret)
+        self.handshake = LeaderHandshake(node.secret, node.options.max_frame_size)
+        #: the largest message this peer takes (set from its AUTH): a larger answer
+        #: or value is refused here, rather than end its connection there
+        self.out_limit = node.options.max_frame_size
         self.sock = sock
         self.fd = sock.fileno()
         self.addr: Any = sock.getpeername()
@@ -367,6 +370,7 @@ class PeerProtocol:
         for m in replies:
             self.write(self.codec.encode(m))
         if self.handshake.state is HandshakeState.OPEN:
+            self.out_limit = min(self.out_limit, self.handshake.peer_max_frame_size or self.out_limit)
             self.stream = self.codec.decoder(self.options.max_frame_size)
             if self._hs_timer is not None:
                 self._hs_timer.cancel()
@@ -474,8 +478,16 @@ class PeerProtocol:
 
     def push(self, ks: KeyState, value: Any) -> None:
         frame = ks.event_frame(self.codec)
-        if frame is not None:
-            self.write(frame)
+        if frame is None:
+            return
+        if len(frame) > self.out_limit:
+            # Sent, it would end the connection there; and the replay on the next
+            # one would end that too. The follower's listeners hear why instead.
+            hit = self.subs.get(ks.id)
+            if hit is not None:
+                self.send_channel_error(hit[0], _too_large(f"a value of {ks.method}({ks.reg!r})", len(frame), self.out_limit))
+            return
+        self.write(frame)
 
     def _publish(self, wire: list) -> None:
         _, channel, method, reg = wire
@@ -555,6 +567,8 @@ class PeerProtocol:
             if exc is None:
                 try:
                     frame = self.codec.pack([T_RESULT, rid, value])
+                    if len(frame) > self.out_limit:
+                        raise _too_large("the result", len(frame), self.out_limit)
                 except (EncodeError, FrameTooLargeError) as e:
                     exc = unsendable_result(e)
                 else:
@@ -565,3 +579,7 @@ class PeerProtocol:
                 self.send(error_message(rid, exc, code_for(exc)).to_wire())
         elif exc is not None and not rid:
             log.warning("leader: oneway call from pid %s raised %r", self.pid, exc)
+
+
+def _too_large(what: str, size: int, limit: int) -> FrameTooLargeError:
+    return FrameTooLargeError(f"{what} is {size} bytes on the wire, over the follower's max_frame_size={limit}")

@@ -31,6 +31,7 @@ from ._errors import (
     ClientClosedError,
     ConfigurationError,
     ElectionError,
+    FrameTooLargeError,
     LeaderLostError,
     LeaderNotFoundError,
     LeaderUnresponsiveError,
@@ -355,11 +356,11 @@ class Node:
             delay = min(delay * 2, 0.05)
 
     async def _connect(self) -> tuple[FollowerConnection, bytes]:
-        sock, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
+        sock, codec, decoder, peer_pid, early = await connect_to_leader(self.loop, self.port, self.options, self.codec, self.secret)
         opts = self.options
         conn = FollowerConnection(
             sock,
-            self.codec,
+            codec,
             decoder,
             peer_pid,
             self._on_conn_lost,
@@ -592,7 +593,7 @@ class Node:
                 self._send_subscribe(conn, state, sub)
             for key, (reg, token) in list(state.publications.items()):
                 state.pub_sent[key] = (conn, token)
-                conn.send_oneway([MsgType.PUBLISH, wire_id, key[0], reg])
+                self._send_publication(conn, state, wire_id, key[0], reg)
         except LeaderLostError:
             return
         self._set_route(state, (conn, wire_id))
@@ -621,16 +622,31 @@ class Node:
                 self.loop.call_soon_threadsafe(self._withdraw, conn, state, sub, key_id)
 
         sub.sent_on = conn
-        _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped, internal=True)
+        try:
+            _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped, internal=True)
+        except FrameTooLargeError as exc:  # over the leader's max_frame_size, below ours
+            self._refused(state, sub, exc)
+            return
         fut.add_done_callback(functools.partial(self._subscribed, state, sub))
+
+    @staticmethod
+    def _send_publication(conn: FollowerConnection, state: ChannelState, wire_id: int, method: str, reg: Any) -> None:
+        try:
+            conn.send_oneway([MsgType.PUBLISH, wire_id, method, reg])
+        except FrameTooLargeError as exc:  # over the leader's max_frame_size, below ours
+            state.emit_error(exc)
 
     @staticmethod
     def _subscribed(state: ChannelState, sub: LocalSub, fut: asyncio.Future) -> None:
         exc = fut.cancelled() or fut.exception()
         if exc is True or exc is None or isinstance(exc, _CONNECTION_TROUBLE):
             return  # kept: subscribed again on the next connection or leader
-        # The leader refused it (a limit, not delegated, the real client raised):
-        # forget it, so that subscribing again really asks again.
+        # The leader refused it (a limit, not delegated, the real client raised).
+        Node._refused(state, sub, exc)
+
+    @staticmethod
+    def _refused(state: ChannelState, sub: LocalSub, exc: BaseException) -> None:
+        """Forget ``sub``, so that subscribing again really asks again, and say why."""
         with state.lock:
             if state.subs.get((sub.method, sub.canon)) is sub:
                 del state.subs[(sub.method, sub.canon)]
@@ -986,7 +1002,7 @@ class Node:
             self._host_call(state, route.publish, key[0], reg)
         else:
             try:
-                route[0].send_oneway([MsgType.PUBLISH, route[1], key[0], reg])
+                self._send_publication(route[0], state, route[1], key[0], reg)
             except LeaderLostError:
                 pass  # published again on the next leader
 

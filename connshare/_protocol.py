@@ -45,8 +45,8 @@ from ._errors import (
 
 MAGIC = "connshare"
 #: 2: messages of an open connection carry no length prefix; 3: REGISTER names
-#: the follower's data class
-PROTOCOL_VERSION = 3
+#: the follower's data class; 4: AUTH and WELCOME carry each side's max_frame_size
+PROTOCOL_VERSION = 4
 HEADER = struct.Struct(">I")
 NONCE_SIZE = 16
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -157,16 +157,19 @@ class Challenge(Message):
     proof: bytes
 
 
-@_message(MsgType.AUTH, _BYTES)
+@_message(MsgType.AUTH, _BYTES, _INT)
 @attrs.frozen
 class Auth(Message):
     proof: bytes
+    #: the largest message the follower takes: the leader sends it none larger
+    max_frame_size: int
 
 
-@_message(MsgType.WELCOME)
+@_message(MsgType.WELCOME, _INT)
 @attrs.frozen
 class Welcome(Message):
-    pass
+    #: the largest message the leader takes: the follower sends it none larger
+    max_frame_size: int
 
 
 @_message(MsgType.REGISTER, _INT, _STR, _STR)
@@ -309,9 +312,11 @@ class Codec:
     (see :class:`FrameDecoder` and :class:`MessageDecoder`).
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, transcode: Transcode | None = None):
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, transcode: Transcode | None = None, whose: str = ""):
         self.max_frame_size = max_frame_size
         self.transcode = transcode
+        #: whose limit max_frame_size is, for the error message ("": ours)
+        self._whose = whose
         default = None
         if transcode is not None:
             encode = transcode.encode
@@ -326,6 +331,13 @@ class Codec:
         # (follower callers, leader workers) each get their own.
         self._local = threading.local()
         self._ext_hook = transcode.decode if transcode else msgpack.ExtType
+
+    def limited(self, max_frame_size: int, whose: str) -> Codec:
+        """This codec, or one like it that packs no message over ``max_frame_size``
+        (``whose`` limit that is, for the error), if that is smaller."""
+        if max_frame_size >= self.max_frame_size:
+            return self
+        return Codec(max_frame_size, self.transcode, whose)
 
     def _new_packer(self) -> msgpack.Packer:
         p = self._local.packer = msgpack.Packer(use_bin_type=True, default=self._default, autoreset=True)
@@ -358,7 +370,7 @@ class Codec:
         except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             raise EncodeError(f"cannot encode for the wire: {exc}") from exc
         if len(body) > self.max_frame_size:
-            raise FrameTooLargeError(f"a message of {len(body)} bytes exceeds max_frame_size={self.max_frame_size}")
+            raise FrameTooLargeError(f"a message of {len(body)} bytes exceeds {self._whose}max_frame_size={self.max_frame_size}")
         return body
 
     def encode(self, msg: Message) -> bytes:
@@ -597,6 +609,12 @@ def _proof(secret: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(secret, role + first + second, hashlib.sha256).digest()
 
 
+def _frame_limit(n: int) -> int:
+    if n <= 0:
+        raise ProtocolError(f"the peer says it takes messages of at most {n} bytes")
+    return n
+
+
 class HandshakeState(enum.IntEnum):
     START = 0
     SENT_HELLO = 1
@@ -614,10 +632,14 @@ class FollowerHandshake:
     """
 
     secret: bytes
+    #: ours, sent in AUTH
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     pid: int = attrs.field(factory=os.getpid)
     nonce: bytes = attrs.field(factory=lambda: os.urandom(NONCE_SIZE))
     state: HandshakeState = HandshakeState.START
     peer_pid: int | None = None
+    #: the leader's, from WELCOME
+    peer_max_frame_size: int | None = None
 
     def start(self) -> Message:
         self.state = HandshakeState.SENT_HELLO
@@ -639,8 +661,12 @@ class FollowerHandshake:
                 )
             self.peer_pid = msg.pid
             self.state = HandshakeState.SENT_CHALLENGE
-            return [Auth(_proof(self.secret, b"F", msg.nonce, self.nonce))]
+            return [Auth(_proof(self.secret, b"F", msg.nonce, self.nonce), self.max_frame_size)]
         if self.state is HandshakeState.SENT_CHALLENGE and isinstance(msg, Welcome):
+            try:
+                self.peer_max_frame_size = _frame_limit(msg.max_frame_size)
+            except ProtocolError as exc:
+                raise self._fail(exc) from None
             self.state = HandshakeState.OPEN
             return []
         if isinstance(msg, Error):
@@ -663,10 +689,14 @@ class LeaderHandshake:
     """The leader's side: answer HELLO with a challenge and our proof, check theirs."""
 
     secret: bytes
+    #: ours, sent in WELCOME
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     pid: int = attrs.field(factory=os.getpid)
     nonce: bytes = attrs.field(factory=lambda: os.urandom(NONCE_SIZE))
     state: HandshakeState = HandshakeState.START
     peer_pid: int | None = None
+    #: the follower's, from AUTH
+    peer_max_frame_size: int | None = None
     _peer_nonce: bytes = b""
 
     def receive(self, msg: Message) -> list[Message]:
@@ -687,8 +717,12 @@ class LeaderHandshake:
             expected = _proof(self.secret, b"F", self.nonce, self._peer_nonce)
             if not hmac.compare_digest(expected, msg.proof):
                 raise self._fail(AuthenticationError(f"follower pid {self.peer_pid} does not know the shared secret"))
+            try:
+                self.peer_max_frame_size = _frame_limit(msg.max_frame_size)
+            except ProtocolError as exc:
+                raise self._fail(exc) from None
             self.state = HandshakeState.OPEN
-            return [Welcome()]
+            return [Welcome(self.max_frame_size)]
         raise self._fail(ProtocolError(f"unexpected {type(msg).__name__} during the handshake"))
 
     def _fail(self, exc: Exception) -> Exception:

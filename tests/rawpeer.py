@@ -19,6 +19,7 @@ from typing import Any
 
 import msgpack
 
+from connshare._protocol import DEFAULT_MAX_FRAME_SIZE as MAX_FRAME
 from connshare._protocol import MAGIC, NONCE_SIZE, PROTOCOL_VERSION, MsgType, _proof
 
 HEADER = struct.Struct(">I")
@@ -168,9 +169,9 @@ class RawPeer:
         assert proof == _proof(key, b"L", self.nonce, leader_nonce), "the leader does not know the secret"
         self.leader_pid = pid
         self.auth_proof = _proof(key, b"F", leader_nonce, self.nonce)
-        self.send_raw(hs_pack([MsgType.AUTH, self.auth_proof]) + pipelined)
+        self.send_raw(hs_pack([MsgType.AUTH, self.auth_proof, MAX_FRAME]) + pipelined)
         welcome = self.recv()
-        assert welcome == [MsgType.WELCOME], welcome
+        assert welcome[0] == MsgType.WELCOME and len(welcome) == 2, welcome
         self.open = True
         self._stream.feed(bytes(self._buf))  # what came after WELCOME
         self._buf.clear()

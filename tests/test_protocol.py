@@ -42,8 +42,8 @@ from connshare._protocol import (
 EXAMPLES = [
     Hello("connshare", 1, 123, b"n" * 16),
     Challenge("connshare", 1, 7, b"m" * 16, b"p" * 32),
-    Auth(b"p" * 32),
-    Welcome(),
+    Auth(b"p" * 32, 1024),
+    Welcome(1024),
     Register(3, "registry", "RegistryClient"),
     Subscribe(4, 1, "subscribe", {"service": "users", "tags": ["a", 1]}),
     Unsubscribe(9),
@@ -352,6 +352,20 @@ def test_handshake_succeeds_with_the_same_secret() -> None:
     assert f.peer_pid == 2 and ld.peer_pid == 1
 
 
+def test_each_side_learns_the_largest_message_the_other_takes() -> None:
+    f, ld = FollowerHandshake(b"s" * 32, 4096), LeaderHandshake(b"s" * 32, 1 << 20)
+    _run_handshake(f, ld)
+    assert f.peer_max_frame_size == 1 << 20 and ld.peer_max_frame_size == 4096
+
+
+def test_a_follower_that_takes_no_message_at_all_fails_the_handshake() -> None:
+    f, ld = FollowerHandshake(b"s" * 32), LeaderHandshake(b"s" * 32)
+    (auth,) = f.receive(ld.receive(f.start())[0])
+    with pytest.raises(ProtocolError, match="at most 0 bytes"):
+        ld.receive(Auth(auth.proof, 0))
+    assert ld.state is HandshakeState.FAILED
+
+
 def test_follower_refuses_a_leader_without_the_secret() -> None:
     f, ld = FollowerHandshake(b"a" * 32), LeaderHandshake(b"b" * 32)
     with pytest.raises(AuthenticationError, match="leader"):
@@ -363,7 +377,7 @@ def test_leader_refuses_a_follower_without_the_secret() -> None:
     challenge = ld.receive(f.start())[0]
     # a follower that skips checking the leader and guesses a proof
     with pytest.raises(AuthenticationError, match="follower"):
-        ld.receive(Auth(b"\x00" * 32))
+        ld.receive(Auth(b"\x00" * 32, 1024))
     assert isinstance(challenge, Challenge)
     assert LeaderHandshake.reply_for(AuthenticationError("x")).code == ErrorCode.AUTH
 

@@ -29,6 +29,7 @@ from connshare import (
     ProtocolVersionError,
 )
 from connshare._leader import PeerProtocol
+from connshare._protocol import DEFAULT_MAX_FRAME_SIZE as MAX_FRAME
 from connshare._protocol import MAGIC, PROTOCOL_VERSION, ErrorCode, MsgType, _proof
 from connshare._secret import load_or_create_secret, secret_dir, secret_path
 from tests.harness import AgentError, wait_until
@@ -76,7 +77,7 @@ def test_default_secret_is_a_private_per_port_file_that_gates_the_port(port, tmp
                 assert p.invoke(ch, "echo", "hi")[::2] == [MsgType.RESULT, "hi"]
             with RawPeer(port) as p:
                 challenge = p.hello()
-                p.send([MsgType.AUTH, _proof(other_key, b"F", challenge[4], p.nonce)])
+                p.send([MsgType.AUTH, _proof(other_key, b"F", challenge[4], p.nonce), MAX_FRAME])
                 (err,) = p.wait_closed()
                 assert err[0] == MsgType.ERROR and err[2] == ErrorCode.AUTH
             assert leader.history()["echo"] == 1
@@ -142,13 +143,13 @@ def _hostile_skip_auth(p: RawPeer, legit: RawPeer) -> None:
 
 def _hostile_other_secret(p: RawPeer, legit: RawPeer) -> None:
     challenge = p.hello()
-    p.send([MsgType.AUTH, _proof(OTHER.encode(), b"F", challenge[4], p.nonce)])
+    p.send([MsgType.AUTH, _proof(OTHER.encode(), b"F", challenge[4], p.nonce), MAX_FRAME])
     _hostile_no_hello(p, legit)
 
 
 def _hostile_random_proof(p: RawPeer, legit: RawPeer) -> None:
     p.hello()
-    p.send([MsgType.AUTH, os.urandom(32)])
+    p.send([MsgType.AUTH, os.urandom(32), MAX_FRAME])
     _hostile_no_hello(p, legit)
 
 
@@ -157,7 +158,7 @@ def _hostile_replayed_proof(p: RawPeer, legit: RawPeer) -> None:
     # leader's fresh nonce makes it worthless.
     p.nonce = legit.nonce
     p.hello()
-    p.send([MsgType.AUTH, legit.auth_proof])
+    p.send([MsgType.AUTH, legit.auth_proof, MAX_FRAME])
     _hostile_no_hello(p, legit)
 
 
@@ -165,7 +166,7 @@ def _hostile_pipelined(p: RawPeer, legit: RawPeer) -> None:
     # Everything at once, without waiting for the challenge.
     p.send_raw(
         hs_pack([MsgType.HELLO, MAGIC, PROTOCOL_VERSION, os.getpid(), p.nonce])
-        + hs_pack([MsgType.AUTH, b"\0" * 32])
+        + hs_pack([MsgType.AUTH, b"\0" * 32, MAX_FRAME])
         + hs_pack([MsgType.REGISTER, 1, "b", "BlastClient"])
         + hs_pack([MsgType.SUBSCRIBE, 2, 1, "subscribe", {"key": "guarded"}])
     )
