@@ -391,7 +391,9 @@ class Codec:
         """The wire array of one handshake frame's body, its shape checked. Raises
         ProtocolError."""
         try:
-            wire = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=self._ext_hook)
+            # No transcode: its decode is the app's code, and these bytes may be a
+            # stranger's (handshake messages carry no user values).
+            wire = msgpack.unpackb(body, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types
             raise ProtocolError(f"frame is not valid msgpack: {exc}") from exc
         check_shape(wire)

@@ -316,11 +316,13 @@ def test_transcode_carries_user_types() -> None:
         raise TypeError(f"cannot encode {type(v).__name__}")
 
     codec = Codec(transcode=Transcode(encode=enc, decode=lambda code, data: decimal.Decimal(data.decode())))
-    body = codec.encode(Result(1, [decimal.Decimal("1.25")]))[4:]
-    assert to_message(codec.unpack(body)) == Result(1, [decimal.Decimal("1.25")])
-    # and on an open connection
+    body = codec.pack(Result(1, [decimal.Decimal("1.25")]).to_wire())
+    assert to_message(codec.loads(body)) == Result(1, [decimal.Decimal("1.25")])
+    # on an open connection
     (wire,) = codec.decoder().feed(codec.pack(Result(2, [decimal.Decimal("2.5")]).to_wire()))
     assert to_message(wire) == Result(2, [decimal.Decimal("2.5")])
+    # never in a handshake frame, where the bytes may be a stranger's
+    assert to_message(codec.unpack(body)) == Result(1, [msgpack.ExtType(1, b"1.25")])
 
 
 def test_no_pickle_anywhere_in_the_package() -> None:

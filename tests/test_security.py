@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 import connshare
@@ -487,3 +488,23 @@ def test_values_that_cannot_be_encoded_raise_encode_error_in_process() -> None:
         nested.append(nested)
         with pytest.raises(EncodeError, match="nests too deeply"):
             codec.pack([MsgType.RESULT, 1, nested])
+
+
+def test_no_app_code_runs_on_a_strangers_handshake_bytes(port) -> None:
+    # transcode's decode is the app's code: it sees what peers that proved the
+    # secret send, never a stranger's bytes.
+    decoded: list[int] = []
+
+    def decode(code: int, data: bytes) -> Any:
+        decoded.append(code)
+        return TRANSCODE.decode(code, data)
+
+    with in_process_leader(port, transcode=connshare.Transcode(TRANSCODE.encode, decode)):
+        with RawPeer(port) as p:
+            p.send([MsgType.HELLO, MAGIC, PROTOCOL_VERSION, os.getpid(), msgpack.ExtType(1, b"1.5")])
+            p.wait_closed()
+        with RawPeer(port) as p:
+            p.hello()
+            p.send([MsgType.AUTH, msgpack.ExtType(1, b"1.5"), MAX_FRAME])
+            p.wait_closed()
+    assert decoded == []
