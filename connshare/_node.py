@@ -84,6 +84,12 @@ _STALE_POLL_S = (0.0005, 0.02)
 #: verdict is due about as its own wait ends (an attempt and a back-off: < 0.1 s)
 _VERDICT_GRACE_S = 0.25
 
+#: A follower whose connections to the leader end within _SHORT_FOLLOW_S more
+#: than twice in a row waits before the next: 0.05 s, doubling to 2 s. A leader
+#: dying, or handing off, ends one such connection, not a run of them.
+_SHORT_FOLLOW_S = 0.1
+_REJOIN_DELAY_S = (0.05, 2.0)
+
 #: A channel that has served in this process and whose real client then fails to
 #: start (a new leader while its upstream is down) is started again after 0.1 s,
 #: doubling to 5 s; a follower asks again for it on the same schedule.
@@ -299,12 +305,21 @@ class Node:
                     self._start_host(st)
                 await asyncio.Event().wait()  # until cancelled by _shutdown
             self.secret = self.options.secret_bytes() or load_or_create_secret(self.port)
+            short = 0  # connections in a row that ended within _SHORT_FOLLOW_S
             while not self.closing:
                 won = await self._elect()
                 if isinstance(won, socket.socket):
                     await self._lead(won)
                     return
+                began = time.monotonic()
                 await self._follow(*won)
+                short = short + 1 if time.monotonic() - began < _SHORT_FOLLOW_S else 0
+                if short > 2 and not self.closing:
+                    # A leader that takes us and drops us at once, again and again:
+                    # back off rather than reconnect in a tight loop.
+                    delay = min(_REJOIN_DELAY_S[0] * 2 ** (short - 3), _REJOIN_DELAY_S[1])
+                    log.warning("pid %s: %s connections to the leader in a row ended at once; next try in %g s", os.getpid(), short, delay)
+                    await asyncio.sleep(delay)
         except asyncio.CancelledError:
             pass
         except Exception as exc:

@@ -292,6 +292,44 @@ class FakeServer:
         self._thread.join(5)
 
 
+class FakeLeader(FakeServer):
+    """Holds a port like a connshare leader that knows the secret, and hangs up on
+    each follower as soon as its handshake is done. ``opened``: when each
+    handshake was done (``time.monotonic()``)."""
+
+    def __init__(self, port: int, secret: bytes) -> None:
+        self.secret = secret
+        self.opened: list[float] = []
+        super().__init__(port)
+
+    def _serve(self, conn: socket.socket, buf: bytearray) -> None:
+        def read_frame() -> list:
+            while len(buf) < 4 or len(buf) < 4 + HEADER.unpack_from(buf)[0]:
+                data = conn.recv(65536)
+                if not data:
+                    raise OSError("closed")
+                buf.extend(data)
+            (n,) = HEADER.unpack_from(buf)
+            body = bytes(buf[4 : 4 + n])
+            del buf[: 4 + n]
+            return msgpack.unpackb(body, raw=False)
+
+        try:
+            hello = read_frame()
+            nonce = os.urandom(NONCE_SIZE)
+            proof = _proof(self.secret, b"L", hello[4], nonce)
+            conn.sendall(hs_pack([MsgType.CHALLENGE, MAGIC, PROTOCOL_VERSION, os.getpid(), nonce, proof]))
+            auth = read_frame()
+            assert auth[1] == _proof(self.secret, b"F", nonce, hello[4]), "the follower does not know the secret"
+            conn.sendall(hs_pack([MsgType.WELCOME, MAX_FRAME]))
+            with self.lock:
+                self.opened.append(time.monotonic())
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
 class LogCapture(logging.Handler):
     """Records every message of the ``connshare`` loggers, from any thread, while
     installed (``with LogCapture() as logs:``)."""

@@ -27,7 +27,7 @@ from connshare._protocol import MESSAGES, ONEWAY, Codec, ErrorCode, FrameDecoder
 from tests.conftest import pick_port
 from tests.harness import AgentError, Worker, blast_until_subscribed, wait_until
 from tests.hostile_clients import BlastClient, blast_spec, in_process_leader
-from tests.rawpeer import HEADER, FakeServer, LogCapture, RawPeer, frame, hs_pack, pack
+from tests.rawpeer import HEADER, FakeLeader, FakeServer, LogCapture, RawPeer, frame, hs_pack, pack
 
 SECRET = "hostile tests' shared secret ok!"
 MAX_FRAME = 1 << 20
@@ -641,6 +641,23 @@ def test_a_refusal_said_before_the_secret_is_proven_is_not_believed(port) -> Non
         server.close()
         client.wait_ready(10)
         assert client.is_leader and client.whoami() == os.getpid()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_leader_that_drops_every_follower_at_once_is_not_reconnected_to_in_a_tight_loop(port) -> None:
+    server = FakeLeader(port, SECRET.encode())
+    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET).delegate("whoami").create()
+    try:
+        wait_until(lambda: len(server.opened) >= 7, timeout=20, what="seven connections")
+        # The third connection in a row that ends at once is followed by a wait of
+        # 0.05 s, then 0.1, 0.2, 0.4: at least that long from the third to the seventh.
+        # Without it they come milliseconds apart.
+        assert server.opened[6] - server.opened[2] >= 0.75 * 0.99, server.opened
+        server.close()
+        client.wait_ready(10)  # and when the port is free, it leads
+        assert client.is_leader
     finally:
         client.close()
         server.close()
