@@ -293,12 +293,14 @@ class FakeServer:
 
 
 class FakeLeader(FakeServer):
-    """Holds a port like a connshare leader that knows the secret, and hangs up on
-    each follower as soon as its handshake is done. ``opened``: when each
-    handshake was done (``time.monotonic()``)."""
+    """Holds a port like a connshare leader that knows the secret. Once a
+    follower's handshake is done it runs ``serve(conn, bytes_read_after_auth)``,
+    if given, then hangs up. ``opened``: when each handshake was done
+    (``time.monotonic()``)."""
 
-    def __init__(self, port: int, secret: bytes) -> None:
+    def __init__(self, port: int, secret: bytes, serve: Callable[[socket.socket, bytes], None] | None = None) -> None:
         self.secret = secret
+        self.serve = serve
         self.opened: list[float] = []
         super().__init__(port)
 
@@ -324,6 +326,8 @@ class FakeLeader(FakeServer):
             conn.sendall(hs_pack([MsgType.WELCOME, MAX_FRAME]))
             with self.lock:
                 self.opened.append(time.monotonic())
+            if self.serve is not None:
+                self.serve(conn, bytes(buf))
         except OSError:
             pass
         finally:

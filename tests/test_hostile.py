@@ -11,7 +11,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
@@ -658,6 +658,79 @@ def test_a_leader_that_drops_every_follower_at_once_is_not_reconnected_to_in_a_t
         server.close()
         client.wait_ready(10)  # and when the port is free, it leads
         assert client.is_leader
+    finally:
+        client.close()
+        server.close()
+
+
+def _scripted_leader(on: int, bad: Callable[[list], bytes]) -> Callable[[Any, bytes], None]:
+    """A fake leader's script: it registers every channel as id 1 and answers
+    pings, and answers each message of type ``on`` with ``bad(message)``."""
+
+    def serve(conn: Any, rest: bytes) -> None:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker.feed(rest)
+        while True:
+            for msg in unpacker:
+                if msg[0] == MsgType.REGISTER:
+                    conn.sendall(pack([MsgType.RESULT, msg[1], 1]))
+                elif msg[0] == MsgType.PING:
+                    conn.sendall(pack([MsgType.PONG, msg[1]]))
+                elif msg[0] == on:
+                    conn.sendall(bad(msg))
+            data = conn.recv(65536)
+            if not data:
+                return
+            unpacker.feed(data)
+
+    return serve
+
+
+_BAD_ANSWERS = {
+    "not msgpack": lambda m: b"\xc1",
+    "an unknown message type": lambda m: pack([77, m[1], None]),
+    "a result missing its value": lambda m: pack([MsgType.RESULT, m[1]]),
+    "an array announcing more items than max_frame_size": lambda m: b"\xdd" + HEADER.pack(MAX_FRAME + 1),
+    "an error that ends the connection": lambda m: pack([MsgType.ERROR, 0, ErrorCode.PROTOCOL, "x", "bye", [], ""]),
+}
+
+
+@pytest.mark.parametrize("bad", list(_BAD_ANSWERS))
+def test_a_leader_that_breaks_the_protocol_fails_the_call_and_is_left(port, bad: str) -> None:
+    server = FakeLeader(port, SECRET.encode(), _scripted_leader(MsgType.INVOKE, _BAD_ANSWERS[bad]))
+    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET, max_frame_size=MAX_FRAME).delegate("whoami").create()
+    try:
+        client.wait_ready(10)
+        assert not client.is_leader
+        with LogCapture() as logs:
+            # the connection ends: the call may or may not have run, and says so
+            with pytest.raises(connshare.LeaderLostError):
+                client.whoami()
+            assert any("broke the protocol" in m or "closed the connection" in m for m in logs.messages()), logs.messages()
+        server.close()
+        wait_until(lambda: client.is_leader, what="the follower to lead once the port is free")
+        assert client.whoami() == os.getpid()
+    finally:
+        client.close()
+        server.close()
+
+
+def test_a_malformed_answer_to_a_subscription_ends_the_connection_not_the_client(port) -> None:
+    # The key id the follower keys its events by is not an int: the answer's hook
+    # fails after the request was taken off the books, and must still settle it.
+    bad = _scripted_leader(MsgType.SUBSCRIBE, lambda m: pack([MsgType.RESULT, m[1], [1]]))
+    server = FakeLeader(port, SECRET.encode(), bad)
+    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET).delegate("history").create()
+    try:
+        client.wait_ready(10)
+        with LogCapture() as logs:
+            client.subscribe({"key": "k"}, lambda v: None)
+            wait_until(lambda: any("malformed" in m for m in logs.messages()), what="the answer refused")
+        opened = len(server.opened)
+        wait_until(lambda: len(server.opened) > opened, what="a new connection")  # and the subscription is sent again
+        server.close()
+        wait_until(lambda: client.is_leader, what="the follower to lead once the port is free")
+        wait_until(lambda: client.history()["subscribed"] == ["k"], what="the subscription kept, for the new leader")
     finally:
         client.close()
         server.close()
