@@ -162,7 +162,7 @@ async def _connect(loop: asyncio.AbstractEventLoop, port: int, opts: Options, co
             except (ConnectionResetError, BrokenPipeError):
                 raise Retry("hung up") from None
             if not data:
-                if got_bytes:
+                if got_bytes and hs.peer_pid is None:  # it said something, and not a leader's challenge
                     owner, _ = port_owner(port)
                     raise PortInUseError(port, "the peer closed the connection during the handshake", owner)
                 raise Retry("hung up")  # a leader going away, or not a leader

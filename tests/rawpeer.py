@@ -298,9 +298,13 @@ class FakeLeader(FakeServer):
     if given, then hangs up. ``opened``: when each handshake was done
     (``time.monotonic()``)."""
 
-    def __init__(self, port: int, secret: bytes, serve: Callable[[socket.socket, bytes], None] | None = None) -> None:
+    def __init__(
+        self, port: int, secret: bytes, serve: Callable[[socket.socket, bytes], None] | None = None, exits_mid_handshake: bool = False
+    ) -> None:
         self.secret = secret
         self.serve = serve
+        #: after its first CHALLENGE, stop listening and hang up, as a leader that dies then
+        self.exits_mid_handshake = exits_mid_handshake
         self.opened: list[float] = []
         super().__init__(port)
 
@@ -321,6 +325,9 @@ class FakeLeader(FakeServer):
             nonce = os.urandom(NONCE_SIZE)
             proof = _proof(self.secret, b"L", hello[4], nonce)
             conn.sendall(hs_pack([MsgType.CHALLENGE, MAGIC, PROTOCOL_VERSION, os.getpid(), nonce, proof]))
+            if self.exits_mid_handshake:
+                self.sock.close()
+                return
             auth = read_frame()
             assert auth[1] == _proof(self.secret, b"F", nonce, hello[4]), "the follower does not know the secret"
             conn.sendall(hs_pack([MsgType.WELCOME, MAX_FRAME]))

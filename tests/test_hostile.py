@@ -663,6 +663,18 @@ def test_a_leader_that_drops_every_follower_at_once_is_not_reconnected_to_in_a_t
         server.close()
 
 
+def test_a_leader_that_dies_mid_handshake_is_not_taken_for_a_stranger(port) -> None:
+    # It proved the secret in its challenge, then went: the next election leads.
+    server = FakeLeader(port, SECRET.encode(), exits_mid_handshake=True)
+    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET).delegate("whoami").create()
+    try:
+        client.wait_ready(10)
+        assert client.is_leader and server.opened == []
+    finally:
+        client.close()
+        server.close()
+
+
 def _scripted_leader(on: int, bad: Callable[[list], bytes]) -> Callable[[Any, bytes], None]:
     """A fake leader's script: it registers every channel as id 1 and answers
     pings, and answers each message of type ``on`` with ``bad(message)``."""
