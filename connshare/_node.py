@@ -30,6 +30,7 @@ from ._errors import (
     ChannelNotFoundError,
     ClientClosedError,
     ConfigurationError,
+    ConnshareError,
     ElectionError,
     FrameTooLargeError,
     LeaderLostError,
@@ -94,6 +95,10 @@ _REJOIN_DELAY_S = (0.05, 2.0)
 #: start (a new leader while its upstream is down) is started again after 0.1 s,
 #: doubling to 5 s; a follower asks again for it on the same schedule.
 _RESTART_DELAY_S = (0.1, 5.0)
+
+#: After an election that found no leader and no port to lead on (its verdict
+#: raised in the callers), the next runs 0.5 s later, doubling to every 30 s.
+_REELECT_DELAY_S = (0.5, 30.0)
 
 #: Failures of the connection, not answers of the leader: a subscription that met
 #: one is kept, and sent again to the next connection or leader.
@@ -246,6 +251,7 @@ class Node:
 
     def _set_route(self, state: ChannelState, route: Any) -> None:
         state.route = route
+        state.fatal = None  # an election that found no leader, before this one
         state.down = None
         state.served = True
         if not state.avail.done():
@@ -305,21 +311,7 @@ class Node:
                     self._start_host(st)
                 await asyncio.Event().wait()  # until cancelled by _shutdown
             self.secret = self.options.secret_bytes() or load_or_create_secret(self.port)
-            short = 0  # connections in a row that ended within _SHORT_FOLLOW_S
-            while not self.closing:
-                won = await self._elect()
-                if isinstance(won, socket.socket):
-                    await self._lead(won)
-                    return
-                began = time.monotonic()
-                await self._follow(*won)
-                short = short + 1 if time.monotonic() - began < _SHORT_FOLLOW_S else 0
-                if short > 2 and not self.closing:
-                    # A leader that takes us and drops us at once, again and again:
-                    # back off rather than reconnect in a tight loop.
-                    delay = min(_REJOIN_DELAY_S[0] * 2 ** (short - 3), _REJOIN_DELAY_S[1])
-                    log.warning("pid %s: %s connections to the leader in a row ended at once; next try in %g s", os.getpid(), short, delay)
-                    await asyncio.sleep(delay)
+            await self._serve_port()
         except asyncio.CancelledError:
             pass
         except Exception as exc:
@@ -330,6 +322,51 @@ class Node:
             self.fatal = exc
             for st in list(self.channels.values()):
                 self._channel_failed(st, exc)
+
+    async def _serve_port(self) -> None:
+        """Lead, or follow and elect again whenever the leader is lost, until the
+        node closes. A verdict of no leader (and no port to lead on) fails the
+        channels, and the election runs again a while later."""
+        short = 0  # connections in a row that ended within _SHORT_FOLLOW_S
+        verdicts = 0  # elections in a row that found no leader
+        while not self.closing:
+            try:
+                won = await self._elect()
+            except ConnshareError as exc:
+                if self.closing:
+                    raise
+                verdicts += 1
+                delay = min(_REELECT_DELAY_S[0] * 2 ** (verdicts - 1), _REELECT_DELAY_S[1])
+                self._no_leader(exc, delay, verdicts == 1)
+                await asyncio.sleep(delay)
+                continue
+            verdicts = 0
+            self.fatal = None
+            if isinstance(won, socket.socket):
+                await self._lead(won)
+                return
+            began = time.monotonic()
+            await self._follow(*won)
+            short = short + 1 if time.monotonic() - began < _SHORT_FOLLOW_S else 0
+            if short > 2 and not self.closing:
+                # A leader that takes us and drops us at once, again and again:
+                # back off rather than reconnect in a tight loop.
+                delay = min(_REJOIN_DELAY_S[0] * 2 ** (short - 3), _REJOIN_DELAY_S[1])
+                log.warning("pid %s: %s connections to the leader in a row ended at once; next try in %g s", os.getpid(), short, delay)
+                await asyncio.sleep(delay)
+
+    def _no_leader(self, exc: BaseException, delay: float, first: bool) -> None:
+        """The election's verdict: no leader, and no port to lead on. Calls raise it
+        at once until an election finds one."""
+        self.fatal = exc
+        if first:
+            log.error("connshare on port %s cannot serve: %r; electing again in %g s, then less and less often", self.port, exc, delay)
+            for st in list(self.channels.values()):
+                self._channel_failed(st, exc)
+        else:  # said once: the reason is kept up to date, quietly
+            log.info("connshare on port %s still cannot serve: %r", self.port, exc)
+            for st in list(self.channels.values()):
+                st.fatal = exc
 
     async def _elect(self) -> Any:
         """A listening socket if we won, else (connection, the bytes after its handshake)."""

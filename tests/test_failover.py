@@ -552,3 +552,20 @@ def test_a_real_client_that_failed_ready_is_closed_before_the_next_attempt(port,
     for w in survivors:
         wait_until(lambda w=w: _ok(w), timeout=20, what="the channel to serve again")
     assert upstream.wait_for(lambda s: s.live_connections == 1)
+
+
+def test_a_process_that_found_no_leader_keeps_looking(port, upstream, spawn) -> None:
+    # A forced follower started before any leader: its election's verdict is
+    # raised at once, and it elects again a while later, not never.
+    (follower,) = spawn([kv_spec(port, upstream.port, is_leader=False, max_wait_time=1)])
+    with pytest.raises(AgentError) as info:
+        follower.ready(timeout=20)
+    assert info.value.type == "NotReadyError" and "LeaderNotFoundError" in str(info.value.desc["cause"]), info.value.desc
+    assert _raises(follower, "LeaderNotFoundError")
+    follower.subscribe({"key": "late"}, "late")
+    (leader,) = spawn([kv_spec(port, upstream.port, **FAST)])
+    leader.ready()
+    wait_until(lambda: _ok(follower), timeout=20, what="the follower to find the leader")
+    follower.ready()
+    assert follower.call("whoami") == leader.pid
+    _everyone_gets([follower], upstream, ("late",), "found")

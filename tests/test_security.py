@@ -392,6 +392,12 @@ def test_a_server_that_speaks_first_is_recognised_at_once(port) -> None:
             client.wait_ready(20)
         assert isinstance(info.value.__cause__, PortInUseError)
         assert time.monotonic() - t0 < 3
+        with pytest.raises(PortInUseError):
+            client.echo(1)  # at once, while the program holds the port
+        # and once it is gone, the next election finds the port free
+        server.close()
+        wait_until(lambda: client.is_leader, what="the port to be led once the program left")
+        assert client.echo(1) == 1
     finally:
         client.close()
         server.close()
