@@ -42,6 +42,17 @@ def _everyone_gets(ws: list[Worker], upstream, keys: tuple[str, ...], value: obj
             w.wait_event(k, lambda v, k=k: v["key"] == k and v["value"] == value, timeout=20)
 
 
+def _first_and_two_subscribed(spawn, spec: dict, key: str) -> tuple[Worker, list[Worker]]:
+    """A leader, then two followers subscribed to ``key`` (tagged ``key``)."""
+    (first,) = spawn([spec])
+    first.ready()
+    survivors = spawn([spec], [spec])
+    for w in survivors:
+        w.ready()
+        w.subscribe({"key": key}, key)
+    return first, survivors
+
+
 def test_kill_the_leader_ten_times(port, upstream, spawn) -> None:
     keys = ("alpha", "beta")
     ws = spawn(*[[kv_spec(port, upstream.port, **FAST)] for _ in range(4)])
@@ -437,12 +448,7 @@ def test_a_new_leader_slow_to_build_its_client_is_followed_not_taken_for_a_stran
     # upstream, the new leader cannot answer a handshake within connect_timeout.
     slow = tmp_path / "slow"
     spec = dict(kv_spec(port, upstream.port, connect_timeout=0.5, **FAST), args=[upstream.port, f"slow-if:{slow}:2"])
-    (first,) = spawn([spec])
-    first.ready()
-    survivors = spawn([spec], [spec])
-    for w in survivors:
-        w.ready()
-        w.subscribe({"key": "s"}, "s")
+    first, survivors = _first_and_two_subscribed(spawn, spec, "s")
     slow.touch()
     first.kill()
     for w in survivors:
@@ -475,12 +481,8 @@ def test_a_new_leader_whose_upstream_is_down_starts_its_client_again(port, upstr
     # The leader dies while the upstream is down (it may be why): the new leader's
     # real client cannot connect. Its channel served before, so it is not lost.
     spec = kv_spec(port, upstream.port, **FAST)
-    (first,) = spawn([spec])
-    first.ready()
-    survivors = spawn([spec], [spec])
+    first, survivors = _first_and_two_subscribed(spawn, spec, "d")
     for i, w in enumerate(survivors):
-        w.ready()
-        w.subscribe({"key": "d"}, "d")
         w.request("publish", "0", {"from": i})
     assert upstream.wait_for(lambda s: len(s.published()) == 2)
     upstream.down()
@@ -510,12 +512,7 @@ def test_a_new_leader_whose_upstream_is_down_starts_its_client_again(port, upstr
 
 def test_a_leader_starting_its_client_again_hands_off_promptly(port, upstream, spawn) -> None:
     spec = kv_spec(port, upstream.port, **FAST)
-    (first,) = spawn([spec])
-    first.ready()
-    survivors = spawn([spec], [spec])
-    for w in survivors:
-        w.ready()
-        w.subscribe({"key": "h"}, "h")
+    first, survivors = _first_and_two_subscribed(spawn, spec, "h")
     upstream.down()
     first.kill()
     for w in survivors:
