@@ -425,6 +425,14 @@ class APIClientBase(Base):
         """Block until the shared data client is ready; raise why it is not, or TimeoutError."""
         self._client.wait_ready(timeout)
 
+    def ready(self, flag: Any = _UNSET) -> Any:
+        """As :meth:`Base.ready`; a callback gets the shared data client's state,
+        which may have turned ready after a failure (a later election, a channel
+        that came back)."""
+        if callable(flag) and not isinstance(flag, BaseException):
+            return self._client.ready(flag)
+        return super().ready(flag)
+
     async def _await_ready(self) -> None:
         await self._client.ready()
 

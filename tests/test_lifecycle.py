@@ -281,3 +281,31 @@ def test_what_is_subscribed_and_published_while_the_real_client_starts_reaches_i
     finally:
         go.set()
         c.close()
+
+
+class LateAPI(APIClientBase):
+    DataClient = KVClient
+    delegates = {"echo": "invoke"}
+
+    def __init__(self, port: int, upstream_port: int) -> None:
+        self.cluster_options = {"name": "kv", "port": port, "is_leader": False, "max_wait_time": 1}
+        super().__init__(upstream_port)
+
+    def echo(self, value: Any) -> Any:
+        return self._client.echo(value)
+
+
+def test_an_api_clients_ready_callbacks_follow_the_shared_client_once_it_turns_ready(port, upstream, spawn) -> None:
+    api = LateAPI(port, upstream.port)
+    try:
+        with pytest.raises(NotReadyError):
+            api.wait_ready(10)  # no leader yet
+        (leader,) = spawn([kv_spec(port, upstream.port)])
+        leader.ready()
+        wait_until(lambda: api.is_ready, what="the next election to find the leader")
+        got: list[Any] = []
+        api.ready(got.append)
+        assert got == [None]
+        assert api.echo(1) == 1
+    finally:
+        api.close()
