@@ -611,10 +611,8 @@ def _proof(secret: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(secret, role + first + second, hashlib.sha256).digest()
 
 
-def _frame_limit(n: int) -> int:
-    if n <= 0:
-        raise ProtocolError(f"the peer says it takes messages of at most {n} bytes")
-    return n
+def _bad_limit(n: int) -> ProtocolError:
+    return ProtocolError(f"the peer says it takes messages of at most {n} bytes")
 
 
 class HandshakeState(enum.IntEnum):
@@ -665,10 +663,9 @@ class FollowerHandshake:
             self.state = HandshakeState.SENT_CHALLENGE
             return [Auth(_proof(self.secret, b"F", msg.nonce, self.nonce), self.max_frame_size)]
         if self.state is HandshakeState.SENT_CHALLENGE and isinstance(msg, Welcome):
-            try:
-                self.peer_max_frame_size = _frame_limit(msg.max_frame_size)
-            except ProtocolError as exc:
-                raise self._fail(exc) from None
+            if msg.max_frame_size <= 0:
+                raise self._fail(_bad_limit(msg.max_frame_size))
+            self.peer_max_frame_size = msg.max_frame_size
             self.state = HandshakeState.OPEN
             return []
         if isinstance(msg, Error):
@@ -719,10 +716,9 @@ class LeaderHandshake:
             expected = _proof(self.secret, b"F", self.nonce, self._peer_nonce)
             if not hmac.compare_digest(expected, msg.proof):
                 raise self._fail(AuthenticationError(f"follower pid {self.peer_pid} does not know the shared secret"))
-            try:
-                self.peer_max_frame_size = _frame_limit(msg.max_frame_size)
-            except ProtocolError as exc:
-                raise self._fail(exc) from None
+            if msg.max_frame_size <= 0:
+                raise self._fail(_bad_limit(msg.max_frame_size))
+            self.peer_max_frame_size = msg.max_frame_size
             self.state = HandshakeState.OPEN
             return [Welcome(self.max_frame_size)]
         raise self._fail(ProtocolError(f"unexpected {type(msg).__name__} during the handshake"))
