@@ -398,10 +398,11 @@ class PeerProtocol:
         elif t == MsgType.PUBLISH:
             self._publish(wire)
         elif t == MsgType.REGISTER:
-            try:
-                self._admit(False)
-            except LimitExceededError as exc:
-                self._error(wire[1], exc)
+            # Not calls: one may wait for as long as this process takes to create
+            # its channel. Bounded on their own, with the same limit.
+            limit = self.options.max_inflight_per_follower
+            if len(self._tasks) >= limit:
+                self._error(wire[1], LimitExceededError(f"max_inflight_per_follower={limit} REGISTERs waiting"))
                 return
             task = self.node.spawn(self._register(wire[1], wire[2], wire[3]))
             self._tasks.add(task)
@@ -429,7 +430,6 @@ class PeerProtocol:
             self.inflight_loop += 1
 
     async def _register(self, rid: int, name: str, cls: str) -> None:
-        # A name nobody hosts waits max_wait_time: it counts as a request in flight.
         try:
             host = await self.node.host_for(name)
             ours = host.state.cls.__qualname__
@@ -444,8 +444,6 @@ class PeerProtocol:
         except Exception as exc:
             self._error(rid, exc)
             return
-        finally:
-            self.inflight_loop -= 1
         if self.closed:
             return
         self.channels[host.id] = host

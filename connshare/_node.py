@@ -561,21 +561,17 @@ class Node:
             state.emit_error(exc)
 
     async def host_for(self, name: str) -> ChannelHost:
-        """The host of channel ``name``, waiting up to max_wait_time for this
-        process to create it."""
+        """The host of channel ``name``, once this process creates it. A follower's
+        REGISTER waits for as long as that takes (a client may be created on first
+        use; the follower says so to its app after its own max_wait_time), or until
+        this leader leaves."""
         assert self._hosts_changed is not None
-        deadline = self.loop.time() + self.options.max_wait_time
         while name not in self.hosts:
-            left = deadline - self.loop.time()
-            if left <= 0 or self.leaving:
-                raise ChannelNotFoundError(
-                    f"the leader (pid {os.getpid()}) hosts no channel {name!r} (waited {self.options.max_wait_time} s)"
-                )
+            if self.leaving:
+                # Not "no such channel": the next leader's process may host it.
+                raise NotSentError(f"the leader (pid {os.getpid()}) is leaving and hosts no channel {name!r}: ask the next one")
             self._hosts_changed.clear()
-            try:
-                await asyncio.wait_for(self._hosts_changed.wait(), left)
-            except asyncio.TimeoutError:
-                pass
+            await self._hosts_changed.wait()
         host = self.hosts[name]
         while not host.ready.done():
             if host.down is not None:  # being started again: say so now, not at the timeout
@@ -651,17 +647,25 @@ class Node:
         self._set_route(state, (conn, wire_id))
 
     async def _register_once(self, conn: FollowerConnection, state: ChannelState) -> int:
-        rid, fut = conn.request_async([MsgType.REGISTER, 0, state.name, state.cls.__qualname__], self.loop, internal=True)
+        _, fut = conn.request_async([MsgType.REGISTER, 0, state.name, state.cls.__qualname__], self.loop, internal=True)
         try:
-            # Our own max_wait_time bounds this, whatever the leader's is.
-            return await asyncio.wait_for(fut, state.options.max_wait_time)
+            # Our own max_wait_time bounds the wait callers see, whatever the leader's is.
+            return await asyncio.wait_for(asyncio.shield(fut), state.options.max_wait_time)
         except asyncio.TimeoutError:
-            conn.forget(rid)
-            raise ChannelNotFoundError(
-                f"the leader (pid {conn.peer_pid}) on port {self.port} hosts no channel {state.name!r} "
-                f"(waited max_wait_time={state.options.max_wait_time} s); if another app uses this port, "
-                "give each app its own port (port= or CONNSHARE_PORT)"
-            ) from None
+            pass
+        if conn is self.conn:
+            # Calls and wait_ready() raise this from now on; the request stays with
+            # the leader, whose process may create the channel later (a client made
+            # on first use), and then answers it.
+            self._channel_failed(
+                state,
+                ChannelNotFoundError(
+                    f"the leader (pid {conn.peer_pid}) on port {self.port} hosts no channel {state.name!r} "
+                    f"(waited max_wait_time={state.options.max_wait_time} s; still waiting for it); if another app "
+                    "uses this port, give each app its own port (port= or CONNSHARE_PORT)"
+                ),
+            )
+        return await fut
 
     def _send_subscribe(self, conn: FollowerConnection, state: ChannelState, sub: LocalSub) -> None:
         def mapped(key_id: int) -> None:  # in the reader (any thread), before the first EVENT
@@ -1076,6 +1080,8 @@ class Node:
             # Graceful handoff: free the port, tell the followers, answer what is in
             # flight, and only then close the real clients.
             self.leaving = True
+            if self._hosts_changed is not None:
+                self._hosts_changed.set()  # REGISTERs waiting for a channel: answered now, not at the grace
             if self._accept_task is not None:
                 self._accept_task.cancel()
                 # let the cancel land first: it unregisters the socket from the selector

@@ -66,11 +66,11 @@ class Agent:
         self.lock = threading.Lock()
         self.aloop = asyncio.new_event_loop()
         threading.Thread(target=self.aloop.run_forever, daemon=True, name="agent-loop").start()
-        self.clients = {s.get("id", str(i)): build(s) for i, s in enumerate(specs)}
-        self.errors: dict[str, list] = {cid: [] for cid in self.clients}
-        for cid, c in self.clients.items():
-            c.on("error", lambda exc, cid=cid: self._note_error(cid, exc))
+        self.clients: dict[str, Any] = {}
+        self.errors: dict[str, list] = {}
         self.loopers: dict[str, Any] = {}
+        for i, spec in enumerate(specs):
+            self.op_create(spec, str(i))
 
     def _note_error(self, cid: str, exc: BaseException) -> None:
         """Keep an error event, and send it as an event tagged ``error:<cid>``, in
@@ -110,6 +110,13 @@ class Agent:
         return asyncio.run_coroutine_threadsafe(coro, self.aloop).result(timeout)
 
     # -- ops -------------------------------------------------------------------------
+    def op_create(self, spec: dict, default_id: str = "0") -> None:
+        """Create one more client, as an app that makes a client on first use."""
+        cid = spec.get("id", default_id)
+        self.clients[cid] = build(spec)
+        self.errors[cid] = []
+        self.clients[cid].on("error", lambda exc: self._note_error(cid, exc))
+
     def op_pid(self) -> int:
         return os.getpid()
 
@@ -388,6 +395,11 @@ class Agent:
     def op_inflight(self, cid: str) -> int:
         """How many calls the client's node runs for others (as leader) now."""
         return self.clients[cid]._node.inflight
+
+    def op_registrations_waiting(self, cid: str) -> int:
+        """How many followers' REGISTERs the client's node (as leader) holds, waiting
+        for its process to create their channel."""
+        return sum(len(peer._tasks) for peer in list(self.clients[cid]._node.peers))
 
     def op_loops_remembered(self, cid: str) -> int:
         """How many event loops the connection keeps an expiry timer record for."""

@@ -6,6 +6,7 @@ import asyncio
 import signal
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -345,6 +346,55 @@ def test_unhosted_channel_fails_after_max_wait_time(port, upstream, spawn) -> No
     with pytest.raises(AgentError) as info:
         follower.call("incr")
     assert info.value.isa("ChannelNotFoundError")
+
+
+def _later_spec(port: int, **options: Any) -> dict[str, Any]:
+    return {"id": "c", "cls": "CounterClient", "options": {"port": port, "name": "later", **options}, "delegates": ["incr"]}
+
+
+def test_a_channel_the_leader_creates_later_is_served_then(port, upstream, spawn) -> None:
+    # An app that makes a client on first use: a follower asked for it before the
+    # leader's process had one. It hears so after max_wait_time, and is served
+    # once the leader's process creates it, with no new leader.
+    (leader,) = spawn([kv_spec(port, upstream.port)])
+    leader.ready()
+    (follower,) = spawn([kv_spec(port, upstream.port), _later_spec(port, max_wait_time=0.5)])
+    with pytest.raises(AgentError) as info:
+        follower.ready("c", timeout=10)
+    assert info.value.type == "NotReadyError" and info.value.desc["cause"] == "ChannelNotFoundError"
+    with pytest.raises(AgentError) as info:
+        follower.call("incr", cid="c")
+    assert info.value.isa("ChannelNotFoundError") and "still waiting" in info.value.desc["message"]
+    leader.request("create", _later_spec(port))
+    leader.ready("c")
+    assert wait_until(lambda: follower.role("c")["leader_pid"] == leader.pid and _served(follower), what="the follower served")
+    assert leader.call("incr", cid="c") == 2
+    assert [e["type"] for e in follower.request("errors", "c")] == ["ChannelNotFoundError"]  # once
+    assert follower.role("c")["is_leader"] is False
+
+
+def _served(w: Worker) -> bool:
+    try:
+        return w.call("incr", cid="c") == 1
+    except AgentError as exc:
+        assert exc.isa("ChannelNotFoundError"), exc.desc
+        return False
+
+
+def test_a_leader_leaving_answers_registrations_waiting_for_a_channel(port, upstream, spawn) -> None:
+    # A follower waits for a channel the leader's process has not created; the
+    # leader's graceful close must not wait for it (its grace is up to 10 s).
+    (leader,) = spawn([kv_spec(port, upstream.port)])
+    leader.ready()
+    (follower,) = spawn([kv_spec(port, upstream.port), _later_spec(port, max_wait_time=60)])
+    follower.ready()
+    wait_until(lambda: leader.request("registrations_waiting", "0") == 1, what="the REGISTER held by the leader")
+    t0 = time.monotonic()
+    leader.request("close", "0")
+    assert time.monotonic() - t0 < 5
+    # The follower leads now, and hosts the channel its own process created.
+    assert follower.ready("c", timeout=20)["is_leader"] is True
+    assert follower.call("incr", cid="c") == 1
 
 
 def test_another_apps_client_under_the_same_name_is_refused_at_once(port, upstream, spawn) -> None:

@@ -527,7 +527,7 @@ def test_registering_unknown_names_counts_against_the_limit_and_ends_with_the_pe
     limit = ARENA_OPTIONS["max_inflight_per_follower"]
     with arena.peer() as p:
         for i in range(3 * limit):
-            p.send([MsgType.REGISTER, 100 + i, f"nobody-hosts-{i}", "BlastClient"])  # each would wait max_wait_time
+            p.send([MsgType.REGISTER, 100 + i, f"nobody-hosts-{i}", "BlastClient"])  # each waits for its channel
         refused = [p.recv() for _ in range(2 * limit)]
         assert all(m[0] == MsgType.ERROR and m[2] == ErrorCode.LIMIT for m in refused), refused
         (peer,) = [q for q in arena.node.peers if q.addr == p.addr]
