@@ -158,3 +158,20 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return "\n\n" + self.text
+
+
+def raised_again(exc: BaseException) -> BaseException:
+    """A new instance of ``exc`` (its class, message, attributes and cause) for one
+    more caller to raise. Raising one stored instance from every call would add
+    each raise's frames to its traceback, and each caller's exception as its
+    context: without bound, and under every thread that holds it."""
+    cls = type(exc)
+    try:
+        new = cls.__new__(cls, *exc.args)  # not __init__: its signature is the class's own
+        new.args = exc.args
+        new.__dict__.update(exc.__dict__)
+    except Exception:
+        return exc.with_traceback(None)
+    if exc.__cause__ is not None:
+        new.__cause__ = exc.__cause__
+    return new

@@ -40,6 +40,7 @@ from ._errors import (
     NotSentError,
     PortInUseError,
     ProtocolError,
+    raised_again,
 )
 from ._follower import FollowerConnection
 from ._host import ChannelHost
@@ -773,9 +774,9 @@ class Node:
         if route is not None and route is not stale:
             return route, 0.0
         if state.fatal is not None:
-            raise state.fatal
+            raise raised_again(state.fatal)
         if state.down is not None:
-            raise state.down
+            raise raised_again(state.down)
         if self.closing and self.role is Role.CLOSED:
             raise ClientClosedError("the client is closed")
         now = time.monotonic()

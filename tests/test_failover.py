@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
+import traceback
 from collections.abc import Callable
 
 import pytest
 
+from connshare import LeaderNotFoundError, cluster
+from tests.clients import KVClient
 from tests.conftest import kv_spec
 from tests.harness import AgentError, Worker, wait_until
 
@@ -549,6 +553,32 @@ def test_a_real_client_that_failed_ready_is_closed_before_the_next_attempt(port,
     for w in survivors:
         wait_until(lambda w=w: _ok(w), timeout=20, what="the channel to serve again")
     assert upstream.wait_for(lambda s: s.live_connections == 1)
+
+
+def test_a_failure_every_call_raises_is_a_new_exception_each_time(port) -> None:
+    # While there is no leader every call raises the verdict. Raising one stored
+    # instance would add every raise's frames to its traceback, without bound.
+    c = cluster(KVClient, port=port, name="kv", is_leader=False, max_wait_time=0.3).delegate("echo").delegate("aecho").create(0)
+    c.on("error", lambda exc: None)
+    caught: list[BaseException] = []
+
+    async def awaited() -> None:
+        with pytest.raises(LeaderNotFoundError) as info:
+            await c.aecho(1)
+        caught.append(info.value)
+
+    try:
+        for _ in range(30):
+            with pytest.raises(LeaderNotFoundError) as info:
+                c.echo(1)
+            caught.append(info.value)
+            asyncio.run(awaited())
+    finally:
+        c.close()
+    assert len({id(exc) for exc in caught}) == len(caught)
+    frames = [len(traceback.extract_tb(exc.__traceback__)) for exc in caught]
+    assert max(frames[2:]) <= max(frames[:2]), frames
+    assert all(str(exc) == str(caught[0]) for exc in caught)
 
 
 def test_a_process_that_found_no_leader_keeps_looking(port, upstream, spawn) -> None:
