@@ -520,7 +520,7 @@ class FollowerConnection:
             raise
         if not got:
             if self.pending.pop(rid, None) is not None:
-                raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout} s")
+                raise CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {timeout:.3g} s")
             # answered meanwhile; the lock is (being) released
             if not lock.acquire(True, max(timeout, 1.0)):  # never expected: a bound, not a hang
                 raise CallTimeoutError(f"the answer from the leader (pid {self.peer_pid}) was read but not delivered")
@@ -674,7 +674,7 @@ class FollowerConnection:
                     upcoming = p.deadline
             elif self.pending.pop(rid, None) is p and not p.fut.done():  # type: ignore[union-attr]
                 p.fut.set_exception(  # type: ignore[union-attr]
-                    CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {p.timeout} s")
+                    CallTimeoutError(f"no answer from the leader (pid {self.peer_pid}) within {p.timeout:.3g} s")
                 )
         return upcoming
 

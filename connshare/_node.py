@@ -831,6 +831,7 @@ class Node:
         start = time.monotonic()
         deadline = start + timeout
         route = state.route
+        waited = route is None  # for a route: the time left is less than timeout
         stale = None
         attempts: _Attempts | None = None
         while True:
@@ -840,13 +841,16 @@ class Node:
                 return self._local_sync(route, spec.name, args, kwargs, deadline, state.options.encode_locally)
             conn, wire_id = route
             try:
-                left = timeout if stale is None else max(deadline - time.monotonic(), 0.0)
-                return conn.request_sync([T_INVOKE, 0, wire_id, spec.name, args, kwargs, 0, timeout], left)
+                left = deadline - time.monotonic() if waited else timeout
+                if left <= 0:
+                    raise CallTimeoutError(f"no connshare leader for channel {state.name!r} on port {self.port} in time")
+                return conn.request_sync([T_INVOKE, 0, wire_id, spec.name, args, kwargs, 0, left], left)
             except LeaderLostError as exc:
                 attempts = attempts or _Attempts(spec.idempotent)
                 if not attempts.again(exc):
                     raise
                 stale = route
+                waited = True
 
     def _encoded_local(self, host: ChannelHost, method: str, args: Any, kwargs: dict, deadline: float) -> tuple:
         """encode_locally: the real client's ``method`` wrapped to pass its outcome

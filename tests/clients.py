@@ -66,6 +66,10 @@ class KVClient(Base):
             _, path, seconds = fail.split(":")
             if os.path.exists(path):  # an upstream slow to connect to, from the moment the test says
                 time.sleep(float(seconds))
+        if fail is not None and fail.startswith("gate:"):  # built only once the test says
+            deadline = time.monotonic() + 30
+            while not os.path.exists(fail[5:]) and time.monotonic() < deadline:
+                time.sleep(0.01)
         self._sock = socket.create_connection(("127.0.0.1", port))
         self._rfile = self._sock.makefile("rb")
         self._wlock = threading.Lock()

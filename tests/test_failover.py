@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -459,6 +460,30 @@ def test_a_new_leader_slow_to_build_its_client_is_followed_not_taken_for_a_stran
         wait_until(lambda w=w: _ok(w), timeout=20, what="every survivor to be served by the new leader")
     assert sum(w.role()["is_leader"] for w in survivors) == 1
     _everyone_gets(survivors, upstream, ("s",), "after")
+
+
+def test_a_call_made_before_the_leader_is_ready_ends_within_its_timeout(port, upstream, spawn, tmp_path) -> None:
+    # The time a call spends waiting for the leader comes out of its response_timeout.
+    gate = tmp_path / "gate"
+    spawn([dict(kv_spec(port, upstream.port), args=[upstream.port, f"gate:{gate}"])])
+    wait_until(lambda: _port_taken(port), what="the leader to hold the port")
+    (follower,) = spawn([kv_spec(port, upstream.port, is_leader=False, response_timeout=3)])
+    follower.request("call_in_thread", "0", "sleep", [2.5], "early")
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() - started >= 1.0, what="the call to wait 1 s for the leader")
+    gate.touch()
+    outcome, desc = follower.request("join_call", "early")
+    # 1 s waited and 2.5 s of sleep: over the 3 s it was given
+    assert outcome == "raised" and desc["type"] == "CallTimeoutError", (outcome, desc)
+    assert follower.call("echo", "after") == "after"
+
+
+def _port_taken(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def test_a_leader_resumed_after_a_pause_keeps_its_followers(port, upstream, spawn) -> None:
