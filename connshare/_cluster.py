@@ -441,5 +441,13 @@ class APIClientBase(Base):
         self._client.close()
 
     async def aclose(self) -> None:
-        """Close this process's cluster client, awaiting the end (idempotent)."""
-        await self._client.aclose()
+        """Close this process's cluster client, awaiting the end (idempotent). A
+        subclass's own ``close()`` runs, as ``close()`` would run it."""
+        if type(self).close is not APIClientBase.close:
+            await super().aclose()
+        elif not self._closing_started():
+            await self._client.aclose()
+
+    # Idempotent as it is: wrapped, it would mark the client closed before a
+    # subclass's close() could run.
+    aclose._connshare_once = True  # type: ignore[attr-defined]

@@ -236,6 +236,45 @@ def test_an_api_clients_close_that_calls_super_closes_the_shared_client(port, up
         s.bind(("127.0.0.1", port))  # the port is free for the next leader
 
 
+@pytest.mark.parametrize("how", ["aclose", "async with"])
+def test_an_api_clients_own_close_runs_when_closed_from_a_coroutine(port, upstream, how) -> None:
+    async def main() -> ClosingAPI:
+        api = ClosingAPI(port, upstream.port)
+        if how == "aclose":
+            await api.ready()
+            await api.aclose()
+        else:
+            async with api:
+                pass
+        await api.aclose()  # again: nothing more
+        return api
+
+    api = asyncio.run(main())
+    assert api.closed and api.cache == {} and api._client.closed and api._client.role == "closed"
+
+
+def test_an_api_clients_aclose_closes_the_shared_client(port, upstream) -> None:
+    async def main() -> APIClientBase:
+        api = EchoAPI(port, upstream.port)
+        await api.ready()
+        await api.aclose()
+        return api
+
+    api = asyncio.run(main())
+    assert api.closed and api._client.closed and api._client.role == "closed"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+class EchoAPI(APIClientBase):
+    DataClient = KVClient
+    delegates = {"echo": "invoke"}
+
+    def __init__(self, port: int, upstream_port: int) -> None:
+        self.cluster_options = {"name": "echo-api", "port": port}
+        super().__init__(upstream_port)
+
+
 class SlowStart(Base):
     """A real client whose constructor waits for the test: what a process
     subscribes and publishes meanwhile is queued behind it."""
