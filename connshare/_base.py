@@ -252,6 +252,8 @@ class Base:
 
     def on(self, event: str, listener: Callable[..., Any]) -> Callable[..., Any]:
         """Call ``listener(*args)`` on every ``event`` (``"error"``: the exception)."""
+        if not callable(listener):  # here, not at the event it would miss
+            raise TypeError(f"listener must be callable, not {listener!r}")
         self._listeners.setdefault(event, []).append(listener)
         return listener
 

@@ -171,7 +171,7 @@ class ClusterClient(Base):
     # invoke() and ainvoke() run per call: like the delegated methods, they call
     # no helper but on_loop_thread() on the usual path (a call after a wait meets
     # cold caches, where each Python frame costs a fraction of a microsecond).
-    def invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def invoke(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call delegated ``method`` and block for its result, whatever its kind."""
         if on_loop_thread():
             forbid_loop_thread("a blocking connshare call")
@@ -179,7 +179,7 @@ class ClusterClient(Base):
         node = self._node or self._live_node()
         return node.invoke_sync(self._state, spec, args, kwargs, self._timeout)  # type: ignore[arg-type]
 
-    async def ainvoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def ainvoke(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call delegated ``method`` and await its result, whatever its kind."""
         spec = self._invokable.get(method) or self._method(method)  # the latter raises
         node = self._node or self._live_node()
@@ -321,6 +321,11 @@ class ClusterBuilder:
             raise ConfigurationError(f"{name!r} is part of the cluster client's own API and cannot be delegated as {to!r}")
         if not callable(getattr(self._cls, name, None)):
             raise ConfigurationError(f"{self._cls.__name__} has no method {name!r} to delegate")
+        if _is_generator(getattr(self._cls, name)):
+            raise ConfigurationError(
+                f"{self._cls.__name__}.{name} is a generator: a generator cannot cross to another process; "
+                "delegate a method that returns its values (a list)"
+            )
         if inline and to not in ("invoke", "invoke_oneway"):
             raise ConfigurationError(f"delegate({name!r}, {to!r}): inline applies to invoke and invoke_oneway only")
         self._delegates[name] = (to, idempotent, inline)
@@ -346,8 +351,8 @@ class ClusterBuilder:
                 if callable(inspect.getattr_static(cls, name, None)) or isinstance(
                     inspect.getattr_static(cls, name, None), (staticmethod, classmethod)
                 ):
-                    if name in dir(Base):
-                        continue
+                    if name in dir(Base) or _is_generator(getattr(cls, name)):
+                        continue  # a generator cannot cross to another process
                     wanted[name] = ("invoke", False, False)
         wanted.update(self._delegates)
         return {name: method_spec(cls, name, to, idem, inline) for name, (to, idem, inline) in wanted.items()}
@@ -368,6 +373,10 @@ class ClusterBuilder:
         for name, value in self._overrides.items():
             setattr(client, name, value)
         return client
+
+
+def _is_generator(fn: Any) -> bool:
+    return inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
 
 
 def cluster(cls: type, **options: Any) -> ClusterBuilder:

@@ -40,8 +40,14 @@ def _check(cond: bool, name: str, what: str, value: Any) -> None:
         raise ConfigurationError(f"option {name!r} must be {what}, not {value!r}")
 
 
+#: Longest time any option may set (about 115 days): a wait of infinite or
+#: astronomical length overflows the platform's timeouts (threading.TIMEOUT_MAX).
+MAX_SECONDS = 10_000_000
+
+
 def _positive(_inst: Any, a: attrs.Attribute, v: Any) -> None:
-    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, a.name, "a positive number", v)
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= MAX_SECONDS
+    _check(ok, a.name, f"a positive number of seconds, at most {MAX_SECONDS:,}", v)
 
 
 def _positive_or_none(inst: Any, a: attrs.Attribute, v: Any) -> None:
@@ -51,6 +57,16 @@ def _positive_or_none(inst: Any, a: attrs.Attribute, v: Any) -> None:
 
 def _positive_int(_inst: Any, a: attrs.Attribute, v: Any) -> None:
     _check(isinstance(v, int) and not isinstance(v, bool) and v > 0, a.name, "a positive int", v)
+
+
+#: Smallest max_frame_size: room for the handshake, a REGISTER with a
+#: 200-character name and class, and small calls.
+MIN_FRAME_SIZE = 4096
+
+
+def _frame_size(_inst: Any, a: attrs.Attribute, v: Any) -> None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= MIN_FRAME_SIZE
+    _check(ok, a.name, f"an int of at least {MIN_FRAME_SIZE} (bytes)", v)
 
 
 def _port(_inst: Any, a: attrs.Attribute, v: Any) -> None:
@@ -131,7 +147,7 @@ class Options:
     #: per value. Default: env ``CONNSHARE_ENCODE_LOCALLY``.
     encode_locally: bool = attrs.field(factory=_env_flag("CONNSHARE_ENCODE_LOCALLY"), validator=_bool)
     #: Largest frame either side sends or accepts.
-    max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_positive_int)
+    max_frame_size: int = attrs.field(default=DEFAULT_MAX_FRAME_SIZE, validator=_frame_size)
     #: Calls one follower may have in flight on the leader.
     max_inflight_per_follower: int = attrs.field(default=10_000, validator=_positive_int)
     #: Distinct keys one follower may subscribe.

@@ -115,6 +115,13 @@ def test_a_raising_listener_does_not_stop_the_others() -> None:
     assert got == [5]
 
 
+def test_a_listener_that_is_not_callable_is_refused_when_added() -> None:
+    c = Client()
+    with pytest.raises(TypeError, match="callable"):
+        c.on("error", 42)  # type: ignore[arg-type]
+    c.emit("error", ValueError("nobody"))  # nothing was added
+
+
 def test_a_close_that_calls_super_runs_every_level_once() -> None:
     class Conn(Base):
         def __init__(self) -> None:

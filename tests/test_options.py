@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 import threading
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -31,6 +33,13 @@ class Thing(Base):
         ({"name": ""}, "name"),
         ({"secret": "short"}, "secret"),
         ({"max_frame_size": 0}, "max_frame_size"),
+        ({"max_frame_size": 100}, "max_frame_size"),  # too small for the handshake
+        ({"response_timeout": float("inf")}, "response_timeout"),
+        ({"response_timeout": float("nan")}, "response_timeout"),
+        ({"max_wait_time": 1e12}, "max_wait_time"),
+        ({"connect_timeout": float("inf")}, "connect_timeout"),
+        ({"subscribe_timeout": float("inf")}, "subscribe_timeout"),
+        ({"heartbeat_interval": float("inf")}, "heartbeat_interval"),
         ({"max_buffered_bytes": 1.5}, "max_buffered_bytes"),
         ({"transcode": object()}, "transcode"),
         ({"leader_nice": -21}, "leader_nice"),
@@ -94,6 +103,38 @@ def test_delegate_validation() -> None:
         b.delegate("wait_ready")
     with pytest.raises(ConfigurationError, match="client class"):
         cluster(Thing(), port=1234)  # type: ignore[arg-type]
+
+
+class Streams(Base):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ready(True)
+
+    def route(self, method: str) -> str:
+        return method
+
+    def items(self) -> Iterator[int]:
+        yield 1
+
+    async def stream(self) -> AsyncIterator[int]:
+        yield 1
+
+
+def test_a_generator_method_is_not_delegated() -> None:
+    # Its generator could not cross to another process: refused, not a surprise in followers.
+    for name in ("items", "stream"):
+        with pytest.raises(ConfigurationError, match="generator"):
+            cluster(Streams).delegate(name)
+    c = cluster(Streams, name="streams", single_mode=True, auto_generate=True).create()
+    try:
+        c.wait_ready(10)
+        assert not hasattr(c, "items") and not hasattr(c, "stream")
+        assert c.route("x") == "x"
+        # invoke's own first parameter takes no keyword: a method's may be called "method"
+        assert c.invoke("route", method="m") == "m"
+        assert asyncio.run(c.ainvoke("route", method="m")) == "m"
+    finally:
+        c.close()
 
 
 def _can_lower_nice() -> bool:
