@@ -203,6 +203,7 @@ class FollowerConnection:
         self.last_rx = time.monotonic()
         self.unresponsive = False
         self.draining = False  # the leader said GOODBYE: finish what was sent
+        self.parted = False  # the leader said GOODBYE: its events are no longer ours
         self.lost: BaseException | None = None
         self._finished = False
         #: held by the one thread reading the socket
@@ -1033,7 +1034,7 @@ class FollowerConnection:
                 self._answer(p, True, wire[2], batch)
         elif t == MsgType.EVENT:
             sub = self.keys.get(wire[1])
-            if sub is not None:
+            if sub is not None and not self.parted:
                 sub.deliver(wire[2], self._now)
         elif t == MsgType.ERROR:
             msg = Error(*wire[1:])
@@ -1047,6 +1048,10 @@ class FollowerConnection:
         elif t == MsgType.PONG:
             pass
         elif t in (MsgType.GOODBYE, MsgType.CHANNEL_ERROR):
+            if t == MsgType.GOODBYE:
+                # The next leader has the subscriptions from now on: values this
+                # one still sends would interleave with its (older after newer).
+                self.parted = True
             self._on_frame(self, wire, self._now)
         else:
             raise ProtocolError(f"unexpected {MsgType(t).name} from the leader")

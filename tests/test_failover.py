@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -140,6 +142,42 @@ def test_graceful_handoff_fails_no_call(port, upstream, spawn) -> None:
     callers = _no_call_fails_as_the_leader_leaves(port, upstream, spawn, lambda leader: leader.request("close", "0"))
     assert _leader(callers).role()["is_leader"]
     assert upstream.wait_for(lambda s: s.live_connections == 1, 10)
+
+
+def test_values_flowing_across_a_graceful_handoff_arrive_once_and_in_order(port, upstream, spawn) -> None:
+    # Calls in flight keep the old leader's connection open after its GOODBYE,
+    # while the followers subscribe again on the next leader: values from both
+    # must not interleave (an older one after a newer one, or one twice).
+    first, survivors = _first_and_two_subscribed(spawn, kv_spec(port, upstream.port, **FAST), "f")
+    _everyone_gets(survivors, upstream, ("f",), 0)
+    for w in survivors:
+        for name in ("c1", "c2", "c3"):
+            w.request("start_calls", "0", "sleep", [0.05], name)
+    stop = threading.Event()
+    sent = [0]
+
+    def setter() -> None:
+        while not stop.is_set():
+            sent[0] += 1
+            upstream.set("f", sent[0])
+            time.sleep(0.0005)  # the pace of the values, not a wait for anything
+
+    t = threading.Thread(target=setter)
+    t.start()
+    try:
+        wait_until(lambda: sent[0] > 200, what="values flowing")
+        first.request("close", "0")
+        at_close = sent[0]
+        wait_until(lambda: sent[0] > at_close + 400, what="values after the handoff")
+    finally:
+        stop.set()
+        t.join()
+    for w in survivors:
+        w.wait_event("f", lambda v: v["value"] == sent[0])
+        values = [v["value"] for v in w.values("f") if v["value"] is not None]  # None: before any set
+        assert values == sorted(set(values)), [(a, b) for a, b in itertools.pairwise(values) if b <= a][:5]
+        for name in ("c1", "c2", "c3"):
+            assert w.request("stop_calls", name)["errors"] == {}
 
 
 def _leave_without_close(w: Worker) -> None:
