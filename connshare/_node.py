@@ -1046,6 +1046,9 @@ class Node:
         key = (method, canonical(reg))
         token = object()
         with state.lock:
+            # Last published, last replayed: a replay that ended on an older
+            # publication would undo the newer one where the last one wins.
+            state.publications.pop(key, None)
             state.publications[key] = (reg, token)
             state.publishers.setdefault(key, set()).add(owner)
         self.loop.call_soon_threadsafe(self._pub_route, state, key, reg, token)

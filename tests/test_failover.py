@@ -180,6 +180,18 @@ def test_values_flowing_across_a_graceful_handoff_arrive_once_and_in_order(port,
             assert w.request("stop_calls", name)["errors"] == {}
 
 
+def test_publications_are_restored_in_the_order_they_were_last_made(port, upstream, spawn) -> None:
+    leader, follower = _pair(port, upstream, spawn)
+    a, b = {"addr": "A"}, {"addr": "B"}
+    for reg in (a, b, a):  # A, then B, then A again: A is the latest
+        follower.request("publish", "0", reg)
+    assert upstream.wait_for(lambda s: len(s.published()) == 3), upstream.published()
+    leader.kill()
+    # the dead leader's connection took its publications with it; the new one replays
+    assert upstream.wait_for(lambda s: s.live_connections == 1 and len(s.published()) == 2), upstream.published()
+    assert upstream.published() == [b, a]
+
+
 def _leave_without_close(w: Worker) -> None:
     w.request("leave")
     w.proc.join(20)
