@@ -550,7 +550,7 @@ class Node:
         try:
             ks = host.subscribe(sub.method, sub.reg, sub.canon)
         except Exception as exc:
-            state.emit_error(exc)
+            self._refused(state, sub, exc)  # as in a follower: subscribing again asks again
             return
         host.attach(ks, sub)
 

@@ -79,6 +79,7 @@ class KVClient(Base):
         self.bumped = 0
         self.notes: list[Any] = []
         self.regs: list[Any] = []
+        self.refused: list[Any] = []
         threading.Thread(target=self._read, daemon=True).start()
         if fail is not None and fail.startswith("ready-after:"):
             # refused by the upstream once the test says, after it has added its listeners
@@ -116,6 +117,9 @@ class KVClient(Base):
 
     # -- the data API ------------------------------------------------------------------
     def subscribe(self, reg: dict, listener: Any) -> None:
+        if reg.get("refuse_once") and reg not in self.refused:  # a transient upstream failure
+            self.refused.append(reg)
+            raise ValueError(f"upstream refused {reg['key']!r} this time")
         self.regs.append(reg)
         self._listeners.setdefault(reg["key"], []).append(listener)
         self._send({"op": "watch", "key": reg["key"]})

@@ -76,6 +76,24 @@ def test_one_wire_subscription_per_key_per_process(port, upstream, spawn) -> Non
     assert upstream.watcher_count("a") == 1
 
 
+@pytest.mark.parametrize("where", ["leader", "follower"])
+def test_a_subscription_the_real_client_refused_can_be_made_again(port, upstream, spawn, where: str) -> None:
+    leader, follower = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
+    leader.ready()
+    follower.ready()
+    if follower.role()["is_leader"]:
+        leader, follower = follower, leader
+    w = leader if where == "leader" else follower
+    reg = {"key": "r", "refuse_once": True}
+    w.subscribe(reg, "first")
+    wait_until(lambda: w.request("errors", "0"), what="the refusal")
+    assert [e["type"] for e in w.request("errors", "0")] == ["ValueError"]
+    w.subscribe(reg, "again")  # asks the real client again
+    upstream.set("r", "x")
+    w.wait_event("again", lambda v: v["value"] == "x")
+    assert upstream.watcher_count("r") == 1
+
+
 def test_unsubscribe_stops_events_and_releases_upstream(port, upstream, spawn) -> None:
     a, b = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
     a.ready()
