@@ -1047,7 +1047,7 @@ class FollowerConnection:
             self.send(self.codec.pack([MsgType.PONG, wire[1]]), 1.0)
         elif t == MsgType.PONG:
             pass
-        elif t in (MsgType.GOODBYE, MsgType.CHANNEL_ERROR):
+        elif t in (MsgType.GOODBYE, MsgType.CHANNEL_ERROR, MsgType.SUB_ERROR):
             if t == MsgType.GOODBYE:
                 # The next leader has the subscriptions from now on: values this
                 # one still sends would interleave with its (older after newer).

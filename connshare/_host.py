@@ -8,6 +8,7 @@ client calls, which may fire on any thread and hop onto the loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 from collections.abc import Callable
@@ -25,6 +26,9 @@ log = logging.getLogger("connshare.host")
 
 class Sink(Protocol):
     def push(self, key: KeyState, value: Any) -> None: ...
+
+    def refused(self, host: ChannelHost, key: KeyState, exc: BaseException) -> None:
+        """The real client refused the key's subscription after it was attached."""
 
 
 class KeyState:
@@ -151,7 +155,7 @@ class ChannelHost:
 
         ks.listener = listener
         try:
-            self._call_real(method, reg, listener)
+            self._call_real(method, reg, listener, refused=functools.partial(self._refused, ks))
         except BaseException:
             del self.keys[(method, canon)]
             raise
@@ -222,17 +226,32 @@ class ChannelHost:
             raise MethodNotAllowedError(f"{method!r} is not delegated as a publish method on channel {self.state.name!r}")
         self._call_real(method, reg)
 
-    def _call_real(self, method: str, *args: Any) -> None:
-        """Call a subscribe/unsubscribe/publish method of the real client on the loop."""
+    def _call_real(self, method: str, *args: Any, refused: Callable[[BaseException], None] | None = None) -> None:
+        """Call a subscribe/unsubscribe/publish method of the real client on the loop.
+        A coroutine one that fails calls ``refused`` with its error, if given, and
+        tells every process otherwise."""
         res = getattr(self.real, method)(*args)
         if inspect.isawaitable(res):
-            keep(asyncio.ensure_future(res)).add_done_callback(self._log_failure)
+            keep(asyncio.ensure_future(res)).add_done_callback(functools.partial(self._after_real, refused or self._fan_error))
 
-    def _log_failure(self, task: asyncio.Future) -> None:
+    def _after_real(self, refused: Callable[[BaseException], None], task: asyncio.Future) -> None:
         exc = None if task.cancelled() else task.exception()
         if exc is not None:
             log.error("channel %r: real client call failed: %r", self.state.name, exc)
-            self._fan_error(exc)
+            refused(exc)
+
+    def _refused(self, ks: KeyState, exc: BaseException) -> None:
+        """A coroutine subscribe failed, after its subscribers were attached: they
+        hear it, and forget it, so that subscribing again asks again."""
+        if self.keys.get((ks.method, ks.canon)) is not ks:
+            return  # unsubscribed meanwhile: nobody to tell
+        del self.keys[(ks.method, ks.canon)]
+        sinks, ks.sinks = ks.sinks, []
+        for sink in sinks:
+            try:
+                sink.refused(self, ks, exc)
+            except Exception:
+                log.exception("channel %r: telling a subscriber of %r failed", self.state.name, ks.reg)
 
     # -- invokes -----------------------------------------------------------------------
 

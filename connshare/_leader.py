@@ -498,6 +498,13 @@ class PeerProtocol:
         cls = type(exc)
         self.send([MsgType.CHANNEL_ERROR, host.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
 
+    def refused(self, host: ChannelHost, ks: KeyState, exc: BaseException) -> None:
+        """As a sink: the real client refused ``ks`` after this follower had it."""
+        if self.subs.get(ks.id, (None, None))[1] is ks:
+            del self.subs[ks.id]
+        cls = type(exc)
+        self.send([MsgType.SUB_ERROR, ks.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
+
     def _invoke(self, wire: list) -> None:
         _, rid, channel, method, args, kwargs, flags, _timeout = wire
         if flags & ONEWAY:

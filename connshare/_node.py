@@ -550,7 +550,7 @@ class Node:
         try:
             ks = host.subscribe(sub.method, sub.reg, sub.canon)
         except Exception as exc:
-            self._refused(state, sub, exc)  # as in a follower: subscribing again asks again
+            state.drop_refused(sub, exc)  # as in a follower: subscribing again asks again
             return
         host.attach(ks, sub)
 
@@ -682,7 +682,7 @@ class Node:
         try:
             _, fut = conn.request_async([MsgType.SUBSCRIBE, 0, state.wire_id, sub.method, sub.reg], self.loop, mapped, internal=True)
         except FrameTooLargeError as exc:  # over the leader's max_frame_size, below ours
-            self._refused(state, sub, exc)
+            state.drop_refused(sub, exc)
             return
         fut.add_done_callback(functools.partial(self._subscribed, state, sub))
 
@@ -699,15 +699,7 @@ class Node:
         if exc is True or exc is None or isinstance(exc, _CONNECTION_TROUBLE):
             return  # kept: subscribed again on the next connection or leader
         # The leader refused it (a limit, not delegated, the real client raised).
-        Node._refused(state, sub, exc)
-
-    @staticmethod
-    def _refused(state: ChannelState, sub: LocalSub, exc: BaseException) -> None:
-        """Forget ``sub``, so that subscribing again really asks again, and say why."""
-        with state.lock:
-            if state.subs.get((sub.method, sub.canon)) is sub:
-                del state.subs[(sub.method, sub.canon)]
-        state.emit_error(exc)
+        state.drop_refused(sub, exc)
 
     async def _heartbeat(self, conn: FollowerConnection) -> None:
         interval = self.options.heartbeat_interval
@@ -745,7 +737,7 @@ class Node:
             self._conn_done.set_result(None)
 
     def _on_conn_frame(self, conn: FollowerConnection, wire: list, now: list | None) -> None:
-        if wire[0] == MsgType.CHANNEL_ERROR:
+        if wire[0] != MsgType.GOODBYE:
             # After the listeners of the events read before it, before those after.
             Listener.home(functools.partial(self._conn_frame, conn)).call(wire, now)
         else:
@@ -763,6 +755,16 @@ class Node:
             for st in self.channels.values():
                 if st.wire_id == wire[1] and conn is self.conn:
                     st.emit_error(exception_from(Error(0, ErrorCode.RAISED, wire[2], wire[3], [wire[3]], ""), conn.peer_pid))
+        elif wire[0] == MsgType.SUB_ERROR and conn is self.conn:
+            sub = conn.keys.get(wire[1])
+            for st in self.channels.values():
+                if sub is not None and st.subs.get((sub.method, sub.canon)) is sub:
+                    with st.lock:
+                        if conn.keys.get(wire[1]) is sub:
+                            del conn.keys[wire[1]]
+                            sub.key_id = None
+                    st.drop_refused(sub, exception_from(Error(0, ErrorCode.RAISED, wire[2], wire[3], [wire[3]], ""), conn.peer_pid))
+                    break
 
     # -- calls (any thread) -------------------------------------------------------------
 

@@ -45,8 +45,9 @@ from ._errors import (
 
 MAGIC = "connshare"
 #: 2: messages of an open connection carry no length prefix; 3: REGISTER names
-#: the follower's data class; 4: AUTH and WELCOME carry each side's max_frame_size
-PROTOCOL_VERSION = 4
+#: the follower's data class; 4: AUTH and WELCOME carry each side's max_frame_size;
+#: 5: SUB_ERROR
+PROTOCOL_VERSION = 5
 HEADER = struct.Struct(">I")
 NONCE_SIZE = 16
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -71,6 +72,7 @@ class MsgType(enum.IntEnum):
     PONG = 19
     GOODBYE = 20
     CHANNEL_ERROR = 21
+    SUB_ERROR = 22
 
 
 class ErrorCode(enum.IntEnum):
@@ -270,6 +272,17 @@ class ChannelError(Message):
     """The real client of ``channel`` emitted an error event."""
 
     channel: int
+    type_name: str
+    message: str
+
+
+@_message(MsgType.SUB_ERROR, _INT, _STR, _STR)
+@attrs.frozen
+class SubError(Message):
+    """The real client refused subscription ``key`` after the leader had answered
+    it (a coroutine subscribe that failed): the follower drops it."""
+
+    key: int
     type_name: str
     message: str
 

@@ -86,3 +86,11 @@ class ChannelState:
     def emit_error(self, exc: BaseException) -> None:
         for c in list(self.clients):
             c.emit("error", exc)
+
+    def drop_refused(self, sub: LocalSub, exc: BaseException) -> None:
+        """Forget ``sub``, refused by the real client, so that subscribing again
+        really asks again, and tell this process's clients why."""
+        with self.lock:
+            if self.subs.get((sub.method, sub.canon)) is sub:
+                del self.subs[(sub.method, sub.canon)]
+        self.emit_error(exc)

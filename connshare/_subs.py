@@ -165,6 +165,10 @@ class LocalSub:
             self.listeners = _without(self.listeners, fn, owner)
             return not self.listeners
 
+    def refused(self, host: Any, key: Any, exc: BaseException) -> None:
+        """As a sink of this process's channel host: the real client refused it."""
+        host.state.drop_refused(self, exc)
+
     def deliver(self, value: Any, now: list | None = None) -> None:
         with self.lock:
             self.has_value = True

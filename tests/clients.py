@@ -124,6 +124,12 @@ class KVClient(Base):
         self._listeners.setdefault(reg["key"], []).append(listener)
         self._send({"op": "watch", "key": reg["key"]})
 
+    async def asubscribe(self, reg: dict, listener: Any) -> None:
+        """A coroutine subscribe (as an asyncio client's): its failure comes after
+        the leader has answered the subscriber."""
+        await asyncio.sleep(0)
+        self.subscribe(reg, listener)
+
     def unsubscribe(self, reg: dict, listener: Any = None) -> None:
         self._listeners.pop(reg["key"], None)
         self._send({"op": "unwatch", "key": reg["key"]})

@@ -71,7 +71,12 @@ def spawn() -> Iterator[Callable[..., list[Worker]]]:
 
 def kv_spec(port: int, upstream_port: int, **options: Any) -> dict[str, Any]:
     delegates = options.pop(
-        "delegates", ["get", "echo", "aecho", "loop_id", "whoami", "boom", "aboom", "sleep", "asleep", "bumps", ["bump", "invoke_oneway"]]
+        "delegates",
+        [
+            *("get", "echo", "aecho", "loop_id", "whoami", "boom", "aboom", "sleep", "asleep", "bumps"),
+            ["bump", "invoke_oneway"],
+            ["asubscribe", "subscribe"],
+        ],
     )
     return {
         "id": "0",

@@ -76,22 +76,31 @@ def test_one_wire_subscription_per_key_per_process(port, upstream, spawn) -> Non
     assert upstream.watcher_count("a") == 1
 
 
+@pytest.mark.parametrize("method", ["subscribe", "asubscribe"])
 @pytest.mark.parametrize("where", ["leader", "follower"])
-def test_a_subscription_the_real_client_refused_can_be_made_again(port, upstream, spawn, where: str) -> None:
-    leader, follower = spawn([kv_spec(port, upstream.port)], [kv_spec(port, upstream.port)])
-    leader.ready()
-    follower.ready()
-    if follower.role()["is_leader"]:
-        leader, follower = follower, leader
-    w = leader if where == "leader" else follower
+def test_a_subscription_the_real_client_refused_can_be_made_again(port, upstream, spawn, where: str, method: str) -> None:
+    # asubscribe is a coroutine: it fails after the leader answered the subscriber
+    ws = spawn(*[[kv_spec(port, upstream.port)] for _ in range(3)])
+    for w in ws:
+        w.ready()
+    leader = next(w for w in ws if w.role()["is_leader"])
+    followers = [w for w in ws if w is not leader]
+    w = leader if where == "leader" else followers[0]
+    bystander = followers[1]
+    bystander.subscribe({"key": "marker"}, "marker")
     reg = {"key": "r", "refuse_once": True}
-    w.subscribe(reg, "first")
+    w.request("subscribe", "0", reg, "first", False, method)
     wait_until(lambda: w.request("errors", "0"), what="the refusal")
     assert [e["type"] for e in w.request("errors", "0")] == ["ValueError"]
-    w.subscribe(reg, "again")  # asks the real client again
+    w.request("subscribe", "0", reg, "again", False, method)  # asks the real client again
     upstream.set("r", "x")
     w.wait_event("again", lambda v: v["value"] == "x")
     assert upstream.watcher_count("r") == 1
+    # Only the subscriber heard of it: the marker's value left the leader after the error did.
+    upstream.set("marker", "m")
+    bystander.wait_event("marker", lambda v: v["value"] == "m")
+    assert bystander.request("errors", "0") == []
+    assert where == "leader" or leader.request("errors", "0") == []
 
 
 def test_unsubscribe_stops_events_and_releases_upstream(port, upstream, spawn) -> None:

@@ -33,6 +33,7 @@ from connshare._protocol import (
     Publish,
     Register,
     Result,
+    SubError,
     Subscribe,
     Unsubscribe,
     Welcome,
@@ -57,6 +58,7 @@ EXAMPLES = [
     Pong(1),
     Goodbye(),
     ChannelError(1, "builtins:OSError", "upstream down"),
+    SubError(9, "builtins:ValueError", "no such key"),
 ]
 
 
