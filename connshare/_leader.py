@@ -506,7 +506,7 @@ class PeerProtocol:
         self.send([MsgType.SUB_ERROR, ks.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
 
     def _invoke(self, wire: list) -> None:
-        _, rid, channel, method, args, kwargs, flags, _timeout = wire
+        _, rid, channel, method, args, kwargs, flags, timeout = wire
         if flags & ONEWAY:
             rid = 0
         try:
@@ -530,7 +530,7 @@ class PeerProtocol:
         except Exception as exc:
             self._finish(rid, None, exc)
             return
-        self.node.runner.submit(coro, self._finish, rid)
+        self.node.runner.submit(coro, self._finish, rid, timeout if rid else None)
 
     def _run_blocking(self, rid: int, fn: Any, args: list, kwargs: dict, done: Any) -> None:
         """On a worker thread (or the loop, for inline methods): run the method,

@@ -311,6 +311,23 @@ def test_coroutine_methods_run_as_in_their_own_task(port, upstream, spawn, lend)
     assert [tuple(x) for x in out] == [("ok", w) for w in want]
 
 
+@pytest.mark.parametrize("how", ["call", "acall"])
+def test_a_coroutine_call_that_timed_out_is_cancelled_on_the_leader(port, upstream, spawn, how: str) -> None:
+    # Its caller has given up: left running, it would hold its place among the
+    # calls in flight until it ended, and against a hung upstream, never.
+    opts = {"response_timeout": 0.5, "max_inflight_per_follower": 2}
+    a, b = spawn([kv_spec(port, upstream.port, **opts)], [kv_spec(port, upstream.port, **opts)])
+    a.ready()
+    b.ready()
+    leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
+    for _ in range(3):  # more than max_inflight_per_follower
+        with pytest.raises(AgentError) as info:
+            follower.request(how, "0", "asleep", [600])
+        assert info.value.isa("CallTimeoutError"), info.value.desc
+    wait_until(lambda: leader.request("inflight", "0") == 0, what="the calls cancelled on the leader")
+    assert follower.request(how, "0", "aecho", ["ok"]) == "ok"
+
+
 def test_a_call_that_cancels_its_task_loses_no_other_call(port, upstream, spawn) -> None:
     # Calls that do not wait run in a task the leader lends them. A call that
     # cancels that task must not take down the call handed to it next (after the
