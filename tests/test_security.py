@@ -391,7 +391,7 @@ def test_a_server_that_speaks_first_is_recognised_at_once(port) -> None:
         with pytest.raises(NotReadyError) as info:
             client.wait_ready(20)
         assert isinstance(info.value.__cause__, PortInUseError)
-        assert time.monotonic() - t0 < 3
+        assert time.monotonic() - t0 < 6  # at once, not after connect_timeout (10 s)
         with pytest.raises(PortInUseError):
             client.echo(1)  # at once, while the program holds the port
         # and once it is gone, the next election finds the port free
