@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import socket
 import sys
 
@@ -75,6 +76,46 @@ def hold_marker(port: int) -> socket.socket | None:
         sock.close()  # held still by the leader before us, on its way out
         return None
     return sock
+
+
+def close_inherited(ports: set[int]) -> None:
+    """In a forked child (Linux): close this process's copy of every socket on
+    ``ports``, the listening socket, a leader's side of its followers, a
+    follower's connection, and the marker. Those the parent had recorded are
+    closed already; these are the ones it had not yet, a fork in the moment
+    after a bind, an accept or a connect. Left open here, a copy would hold the
+    port, or keep a dead leader's connection open, after the parent dies."""
+    if not ports or not sys.platform.startswith("linux"):
+        return
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    markers = {_marker_name(p) for p in ports}
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            continue  # not a socket, or the listing's own fd, closed since
+        if _on_ports(sock, ports, markers):
+            sock.close()  # this copy only: the parent's is untouched
+        else:
+            sock.detach()
+
+
+def _on_ports(sock: socket.socket, ports: set[int], markers: set[bytes]) -> bool:
+    try:
+        if sock.family == socket.AF_UNIX:
+            return sock.getsockname() in markers
+        if sock.family != socket.AF_INET:
+            return False
+        here = sock.getsockname()
+        if here[0] == HOST and here[1] in ports:
+            return True
+        there = sock.getpeername()
+        return bool(there[0] == HOST and there[1] in ports)
+    except OSError:  # not connected
+        return False
 
 
 def leader_holds_marker(port: int) -> bool:

@@ -23,7 +23,7 @@ import weakref
 from typing import Any
 
 from . import _polling, _priority
-from ._election import Retry, connect_to_leader, hold_marker, port_owner, try_bind
+from ._election import Retry, close_inherited, connect_to_leader, hold_marker, port_owner, try_bind
 from ._errors import (
     CallTimeoutError,
     ChannelDownError,
@@ -1188,6 +1188,8 @@ def _after_fork_in_child() -> None:
     _nodes.clear()
     for node in nodes:
         node.drop_after_fork()
+    close_inherited({node.port for node in nodes if not node.single})
+    for node in nodes:
         for client in list(node.clients):
             client._after_fork()
 

@@ -7,6 +7,7 @@ import itertools
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -440,6 +441,45 @@ def test_fork_before_use(port, upstream) -> None:
         assert who == os.getpid() and is_leader is False
     assert parent.whoami() == os.getpid()  # the parent keeps working
     assert upstream.live_connections == 1
+    parent.close()
+
+
+@_fork_of_threads
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the child finds its sockets in /proc")
+def test_a_child_forked_keeps_no_socket_on_the_port(port, upstream) -> None:
+    # A fork just after a bind, an accept or a connect copies a socket the node
+    # has not recorded yet. Stood in for here by a connection the node never knew.
+    import multiprocessing
+
+    import psutil
+
+    from connshare import cluster
+    from tests.clients import KVClient
+
+    parent = cluster(KVClient, port=port, name="kv", **FAST).delegate("whoami").create(upstream.port)
+    parent.wait_ready(10)
+    unrecorded = socket.create_connection(("127.0.0.1", port))
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+
+    theirs = {unrecorded.getsockname()[1], port}  # both ends of it, and the listening socket
+
+    def child() -> None:
+        me = psutil.Process()
+        conns = me.net_connections("inet") if hasattr(me, "net_connections") else me.connections("inet")
+        # (the child's own connection to the parent, made as it joins, is its own)
+        q.put([(c.laddr, c.raddr) for c in conns if c.laddr[1] in theirs and (not c.raddr or c.raddr[1] in theirs)])
+
+    p = ctx.Process(target=child)
+    p.start()
+    try:
+        assert q.get(timeout=30) == []
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+        unrecorded.close()
+    assert parent.whoami() == os.getpid()  # the parent's sockets are untouched
     parent.close()
 
 
