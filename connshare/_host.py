@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ._base import Base, keep
-from ._errors import EncodeError, FrameTooLargeError, MethodNotAllowedError, NotReadyError
+from ._errors import ClientClosedError, EncodeError, FrameTooLargeError, MethodNotAllowedError, NotReadyError
 from ._loop import on_loop_thread
 from ._protocol import Codec, MsgType
 from ._spec import ChannelState, MethodSpec
@@ -77,6 +77,8 @@ class ChannelHost:
         self.attempt: asyncio.Future[None] = loop.create_future()
         #: why the real client is not serving, while it is being started again
         self.down: BaseException | None = None
+        #: the task that starts it (and starts it again), ended by close()
+        self.starter: asyncio.Task | None = None
         self.keys: dict[tuple[str, bytes], KeyState] = {}
         self.peers: set[Any] = set()
         self.broadcast = state.options.is_broadcast
@@ -96,7 +98,8 @@ class ChannelHost:
                 real.on("error", self._on_real_error)
                 await asyncio.wait_for(real.ready(), st.options.max_wait_time)
         except BaseException as exc:
-            log.error("channel %r: the real client failed to start: %r", st.name, exc)
+            if not isinstance(exc, asyncio.CancelledError):
+                log.error("channel %r: the real client failed to start: %r", st.name, exc)
             if real is not None:
                 # Built but never ready: it may hold a connection. Closed now, so
                 # that a retry does not leave it open.
@@ -277,6 +280,10 @@ class ChannelHost:
         return hit
 
     async def close(self) -> None:
+        starter = self.starter
+        if starter is not None and starter is not asyncio.current_task() and not starter.done():
+            starter.cancel()  # closed while it starts: no wait for a client closed here
+            self.fail(ClientClosedError(f"channel {self.state.name!r} closed while its real client started"))
         real, self.real = self.real, None
         self._calls.clear()
         self.keys.clear()

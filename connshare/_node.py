@@ -543,7 +543,7 @@ class Node:
                 self._host_call(state, host.publish, key[0], reg)
             self._set_route(state, host)
 
-        self.spawn(start())
+        host.starter = self.spawn(start())
 
     def _host_subscribe(self, host: ChannelHost, state: ChannelState, sub: LocalSub) -> None:
         sub.sent_on = host
@@ -1118,6 +1118,9 @@ class Node:
             # the leader left. End them, rather than leave them running on against
             # a closed client, or pending until the loop goes at exit.
             await self.runner.cancel_running(1.0)
+        # This process's own calls, leader or single mode, end before the real
+        # client closes under them.
+        await self.runner.cancel_own(1.0)
         if self.conn is not None:
             # (what still waits on it hears so: see FollowerConnection._finish)
             self.conn.abort(ClientClosedError("this process closed its clients"))

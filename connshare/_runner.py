@@ -41,7 +41,7 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any
 
 from ._deadlines import LoopDeadlines
-from ._errors import CallTimeoutError
+from ._errors import CallTimeoutError, ClientClosedError
 from ._follower import Pending
 from ._inplace import InPlace
 
@@ -172,6 +172,8 @@ class CoroRunner:
         self._abandoned: set[asyncio.Task] = set()
         #: those cancelled at their caller's timeout
         self._expired: set[asyncio.Task] = set()
+        #: this process's own, cancelled as it closes its clients
+        self._closed_own: set[asyncio.Task] = set()
         #: per caller loop (call_async), the calls awaited on it, and their deadlines:
         #: one timer per loop, not per call (a timer per call cost 6 to 9 µs of 60 to 95)
         self._awaited: dict[asyncio.AbstractEventLoop, set[_Waiter]] = {}
@@ -182,10 +184,19 @@ class CoroRunner:
         (a closing leader's, past its grace), and give them up to ``timeout`` s to
         end. Their ``done`` gets :class:`Abandoned`: nothing is sent, and their
         callers hear that the leader left, as those of the calls that ended with
-        the connection do. This process's own calls are left to their callers'
-        timeouts."""
-        tasks = [t for t, done in self._tasks.items() if not t.done() and not isinstance(getattr(done, "__self__", None), _Waiter)]
-        self._abandoned.update(tasks)
+        the connection do. This process's own calls: :meth:`cancel_own`."""
+        await self._cancel(self._abandoned, False, timeout)
+
+    async def cancel_own(self, timeout: float) -> None:
+        """Cancel this process's own calls still running (its clients are closing),
+        before the real client closes under them: their callers get
+        :class:`ClientClosedError`, as a follower's callers do. Up to ``timeout``
+        s for them to end."""
+        await self._cancel(self._closed_own, True, timeout)
+
+    async def _cancel(self, marks: set[asyncio.Task], own: bool, timeout: float) -> None:
+        tasks = [t for t, done in self._tasks.items() if not t.done() and isinstance(getattr(done, "__self__", None), _Waiter) is own]
+        marks.update(tasks)
         for t in tasks:
             t.cancel()
         if tasks:
@@ -389,6 +400,8 @@ class CoroRunner:
         except asyncio.CancelledError:
             if me in self._abandoned:
                 done(rid, None, Abandoned("the leader closed with the call running"))
+            elif me in self._closed_own:
+                done(rid, None, ClientClosedError("this process closed its clients with the call running"))
             elif me in self._expired:
                 done(rid, None, CallTimeoutError(f"the call did not finish within its timeout ({timeout:.3g} s): cancelled on the leader"))
             else:
@@ -404,6 +417,7 @@ class CoroRunner:
             self._tasks.pop(me, None)
             self._abandoned.discard(me)
             self._expired.discard(me)
+            self._closed_own.discard(me)
 
     def _expire(self, task: asyncio.Task) -> None:
         if not task.done():

@@ -81,6 +81,8 @@ class KVClient(Base):
         self.regs: list[Any] = []
         self.refused: list[Any] = []
         threading.Thread(target=self._read, daemon=True).start()
+        if fail == "never-ready":
+            return
         if fail is not None and fail.startswith("ready-after:"):
             # refused by the upstream once the test says, after it has added its listeners
             deadline = time.monotonic() + 10

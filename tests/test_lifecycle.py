@@ -128,6 +128,27 @@ def test_a_call_in_flight_when_its_own_process_closes_says_so(port, upstream, sp
     assert leader.call("echo", 1) == 1
 
 
+def test_the_leaders_own_call_in_flight_when_it_closes_says_so(port, upstream, spawn) -> None:
+    # A coroutine method called from a thread of the leader's own process: ended
+    # before the real client closes under it, not left to its response_timeout.
+    (leader,) = spawn([kv_spec(port, upstream.port, response_timeout=30)])
+    leader.ready()
+    leader.request("call_in_thread", "0", "invoke", ["asleep", 60], "own")  # blocks
+    wait_until(lambda: leader.request("threads_waiting_on_loop") == 1, what="the call running")
+    leader.request("close", "0")
+    outcome, desc = leader.request("join_call", "own", 10)
+    assert outcome == "raised" and desc["type"] == "ClientClosedError", (outcome, desc)
+
+
+def test_closing_a_leader_whose_real_client_is_starting_ends_the_start(port, upstream) -> None:
+    c = cluster(KVClient, port=port, name="kv", max_wait_time=60).delegate("echo").create(upstream.port, "never-ready")
+    wait_until(lambda: c.is_leader, what="the lead")
+    node = c._node
+    c.close()
+    # (before, it waited for the closed client's ready() until max_wait_time)
+    wait_until(lambda: not node._tasks, timeout=5, what="the start to end")
+
+
 class NeverReady(Base):
     """A real client that never says it is ready."""
 
