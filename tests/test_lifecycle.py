@@ -233,13 +233,18 @@ def test_an_api_client_reports_a_start_up_failure_once(upstream, tmp_path) -> No
         api.close()
 
 
-class ClosingAPI(APIClientBase):
+class EchoAPI(APIClientBase):
     DataClient = KVClient
     delegates = {"echo": "invoke"}
 
     def __init__(self, port: int, upstream_port: int) -> None:
-        self.cluster_options = {"name": "closing-api", "port": port}
+        self.cluster_options = {"name": "echo-api", "port": port}
         super().__init__(upstream_port)
+
+
+class ClosingAPI(EchoAPI):
+    def __init__(self, port: int, upstream_port: int) -> None:
+        super().__init__(port, upstream_port)
         self.cache = {"x": 1}
 
     def close(self) -> None:
@@ -285,15 +290,6 @@ def test_an_api_clients_aclose_closes_the_shared_client(port, upstream) -> None:
     assert api.closed and api._client.closed and api._client.role == "closed"
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
-
-
-class EchoAPI(APIClientBase):
-    DataClient = KVClient
-    delegates = {"echo": "invoke"}
-
-    def __init__(self, port: int, upstream_port: int) -> None:
-        self.cluster_options = {"name": "echo-api", "port": port}
-        super().__init__(upstream_port)
 
 
 class SlowStart(Base):
