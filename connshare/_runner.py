@@ -44,6 +44,7 @@ from ._deadlines import LoopDeadlines
 from ._errors import CallTimeoutError, ClientClosedError
 from ._follower import Pending
 from ._inplace import InPlace
+from ._options import MAX_SECONDS
 
 try:
     from asyncio.tasks import _enter_task, _leave_task
@@ -394,7 +395,8 @@ class CoroRunner:
         assert me is not None
         self._tasks[me] = done
         # Only a call that waits gets here, and pays for the timer.
-        expiry = self.loop.call_later(timeout, self._expire, me) if timeout else None
+        # (a peer's NaN or inf would be a timer nobody wants in the loop's heap)
+        expiry = self.loop.call_later(timeout, self._expire, me) if timeout and 0 < timeout <= MAX_SECONDS else None
         try:
             value = await _Resume(coro, ctx, step)
         except asyncio.CancelledError:

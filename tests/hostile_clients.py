@@ -63,6 +63,10 @@ class BlastClient(Base):
         time.sleep(seconds)
         return seconds
 
+    async def asleep(self, seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return seconds
+
     def big(self, n: int) -> bytes:
         """A result of ``n`` bytes (maybe more than max_frame_size)."""
         return b"z" * n

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from unittest.mock import ANY
 
 import msgpack
 import psutil
@@ -40,7 +41,7 @@ ARENA_OPTIONS: dict[str, Any] = {
 }
 #: What hostile peers may call: nothing that blocks a worker thread for long.
 SAFE_METHODS = ["echo", "aecho", "whoami", "history", "kinds"]
-ARENA_DELEGATES = [*SAFE_METHODS, "sleep", "big", "send"]
+ARENA_DELEGATES = [*SAFE_METHODS, "sleep", "asleep", "big", "send"]
 
 # -- strategies ---------------------------------------------------------------------------
 
@@ -505,6 +506,16 @@ def test_a_flood_of_calls_gets_limit_errors_past_max_inflight(arena: Arena) -> N
     stats = [arena.good.request("stop_calls", name) for name in names]
     assert set().union(*(s["errors"] for s in stats)) == {"LimitExceededError"}, stats
     assert sum(s["ok"] for s in stats) >= limit
+    arena.assert_healthy()
+
+
+def test_a_calls_timeout_ends_it_on_the_leader_and_an_odd_one_is_ignored(arena: Arena) -> None:
+    with arena.peer() as p:
+        ch = p.register("b")
+        answer = p.request([MsgType.INVOKE, 0, ch, "asleep", [600], {}, 0, 0.1])
+        assert answer[0] == MsgType.ERROR and answer[3].endswith("CallTimeoutError"), answer
+        for odd in (float("nan"), float("inf"), -1.0, 1e300):  # no timer for these, not a broken one
+            assert p.request([MsgType.INVOKE, 0, ch, "asleep", [0.01], {}, 0, odd]) == [MsgType.RESULT, ANY, 0.01]
     arena.assert_healthy()
 
 
