@@ -654,6 +654,9 @@ class Node:
             return await asyncio.wait_for(asyncio.shield(fut), state.options.max_wait_time)
         except asyncio.TimeoutError:
             pass
+        except asyncio.CancelledError:
+            fut.cancel()  # shielded: else it would fail unseen when the connection ends
+            raise
         if conn is self.conn:
             # Calls and wait_ready() raise this from now on; the request stays with
             # the leader, whose process may create the channel later (a client made
