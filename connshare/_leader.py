@@ -42,7 +42,7 @@ from ._protocol import (
     MsgType,
     to_message,
 )
-from ._remote import code_for, error_message, unsendable_result
+from ._remote import code_for, error_message, pushed_error, unsendable_result
 from ._runner import Abandoned
 
 if TYPE_CHECKING:
@@ -495,15 +495,13 @@ class PeerProtocol:
             log.warning("leader: publish from pid %s failed: %r", self.pid, exc)
 
     def send_channel_error(self, host: ChannelHost, exc: BaseException) -> None:
-        cls = type(exc)
-        self.send([MsgType.CHANNEL_ERROR, host.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
+        self.send(pushed_error(MsgType.CHANNEL_ERROR, host.id, exc))
 
     def refused(self, host: ChannelHost, ks: KeyState, exc: BaseException) -> None:
         """As a sink: the real client refused ``ks`` after this follower had it."""
         if self.subs.get(ks.id, (None, None))[1] is ks:
             del self.subs[ks.id]
-        cls = type(exc)
-        self.send([MsgType.SUB_ERROR, ks.id, f"{cls.__module__}:{cls.__qualname__}", str(exc)])
+        self.send(pushed_error(MsgType.SUB_ERROR, ks.id, exc))
 
     def _invoke(self, wire: list) -> None:
         _, rid, channel, method, args, kwargs, flags, timeout = wire

@@ -53,11 +53,9 @@ from ._protocol import (
     ONEWAY,
     T_INVOKE,
     Codec,
-    Error,
-    ErrorCode,
     MsgType,
 )
-from ._remote import exception_from
+from ._remote import exception_pushed
 from ._runner import CoroRunner
 from ._secret import load_or_create_secret
 from ._spec import Avail, ChannelState, MethodSpec
@@ -757,16 +755,18 @@ class Node:
         elif wire[0] == MsgType.CHANNEL_ERROR:
             for st in self.channels.values():
                 if st.wire_id == wire[1] and conn is self.conn:
-                    st.emit_error(exception_from(Error(0, ErrorCode.RAISED, wire[2], wire[3], [wire[3]], ""), conn.peer_pid))
+                    st.emit_error(exception_pushed(wire, conn.peer_pid))
         elif wire[0] == MsgType.SUB_ERROR and conn is self.conn:
             sub = conn.keys.get(wire[1])
+            if sub is None:
+                return
             for st in self.channels.values():
-                if sub is not None and st.subs.get((sub.method, sub.canon)) is sub:
+                if st.subs.get((sub.method, sub.canon)) is sub:
                     with st.lock:
                         if conn.keys.get(wire[1]) is sub:
                             del conn.keys[wire[1]]
                             sub.key_id = None
-                    st.drop_refused(sub, exception_from(Error(0, ErrorCode.RAISED, wire[2], wire[3], [wire[3]], ""), conn.peer_pid))
+                    st.drop_refused(sub, exception_pushed(wire, conn.peer_pid))
                     break
 
     # -- calls (any thread) -------------------------------------------------------------

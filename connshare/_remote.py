@@ -72,7 +72,23 @@ def error_message(rid: int, exc: BaseException, code: int = ErrorCode.RAISED) ->
     cls = type(exc)
     tb = _text(lambda: "".join(traceback.format_exception(cls, exc, exc.__traceback__)), cls)
     args = exc.args if isinstance(exc.args, tuple) else ()
-    return Error(rid, code, f"{cls.__module__}:{cls.__qualname__}", _text(lambda: str(exc), cls), _wire_args(args), tb)
+    return Error(rid, code, _type_name(cls), _text(lambda: str(exc), cls), _wire_args(args), tb)
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def pushed_error(kind: int, about: int, exc: BaseException) -> list:
+    """A CHANNEL_ERROR or SUB_ERROR (``kind``) about channel or key ``about``,
+    carrying ``exc``'s type and message. Never raises, as error_message."""
+    cls = type(exc)
+    return [kind, about, _type_name(cls), _text(lambda: str(exc), cls)]
+
+
+def exception_pushed(wire: list, pid: int | None) -> Exception:
+    """The exception a CHANNEL_ERROR or SUB_ERROR carries, rebuilt as an ERROR's."""
+    return exception_from(Error(0, ErrorCode.RAISED, wire[2], wire[3], [wire[3]], ""), pid)
 
 
 def _lookup(type_name: str) -> type | None:

@@ -246,9 +246,9 @@ class KVClient(Base):
     def raise_timeout(self) -> None:
         raise TimeoutError("upstream timed out", 3)
 
-    def trouble(self, message: str) -> None:
+    def trouble(self, message: str, unprintable: bool = False) -> None:
         """The upstream misbehaves: the real client emits an error event."""
-        self.emit("error", AppError(message))
+        self.emit("error", UnprintableError(message) if unprintable else AppError(message))
 
     def bump(self, n: int = 1) -> None:
         time.sleep(0.2)

@@ -398,6 +398,10 @@ def test_upstream_trouble_reaches_followers(port, upstream, spawn) -> None:
     for w in (leader, follower):
         errs = wait_until(lambda w=w: w.request("errors", "0"), what="error event")
         assert errs[0]["type"] == "AppError" and "upstream hiccup" in errs[0]["message"]
+    # one whose str() raises reaches them too
+    follower.call("trouble", "unsayable", True)
+    errs = wait_until(lambda: follower.request("errors", "0")[1:], what="the second error event")
+    assert errs[0]["type"] == "UnprintableError" and errs[0]["args"] == ["<UnprintableError: str() or repr() failed>"], errs
 
 
 # Forking a process whose connshare loop thread runs is what these tests check
