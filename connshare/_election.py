@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import socket
+import struct
 import sys
 
 from ._errors import AuthenticationError, LimitExceededError, PortInUseError, ProtocolError, ProtocolVersionError
@@ -84,38 +85,49 @@ def close_inherited(ports: set[int]) -> None:
     follower's connection, and the marker. Those the parent had recorded are
     closed already; these are the ones it had not yet, a fork in the moment
     after a bind, an accept or a connect. Left open here, a copy would hold the
-    port, or keep a dead leader's connection open, after the parent dies."""
+    port, or keep a dead leader's connection open, after the parent dies.
+
+    The sockets are found by inode in /proc, not by wrapping each descriptor in
+    a socket object, which would apply a socket.setdefaulttimeout() of the app's
+    to every one of its sockets (making them non-blocking)."""
     if not ports or not sys.platform.startswith("linux"):
         return
     try:
-        fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        return
-    markers = {_marker_name(p) for p in ports}
-    for fd in fds:
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError:
-            continue  # not a socket, or the listing's own fd, closed since
-        if _on_ports(sock, ports, markers):
-            sock.close()  # this copy only: the parent's is untouched
-        else:
-            sock.detach()
+        ours = _inodes_on(ports)
+        if not ours:
+            return
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                link = os.readlink(f"/proc/self/fd/{name}")
+            except OSError:
+                continue  # the listing's own descriptor, closed since
+            if link.startswith("socket:[") and link[8:-1] in ours:
+                os.close(int(name))  # this copy only: the parent's is untouched
+    except OSError as exc:
+        log.debug("closing inherited sockets: %r", exc)
 
 
-def _on_ports(sock: socket.socket, ports: set[int], markers: set[bytes]) -> bool:
-    try:
-        if sock.family == socket.AF_UNIX:
-            return sock.getsockname() in markers
-        if sock.family != socket.AF_INET:
-            return False
-        here = sock.getsockname()
-        if here[0] == HOST and here[1] in ports:
-            return True
-        there = sock.getpeername()
-        return bool(there[0] == HOST and there[1] in ports)
-    except OSError:  # not connected
-        return False
+def _inodes_on(ports: set[int]) -> set[str]:
+    """Inodes of the sockets of this network namespace on 127.0.0.1:``ports``
+    (either end), and of the leaders' markers."""
+    # /proc/net/tcp writes an address as its 32 bits in host order, in hex
+    host = f"{struct.unpack('=I', socket.inet_aton(HOST))[0]:08X}"
+    ends = {f"{host}:{port:04X}" for port in ports}
+    inodes = set()
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[1] in ends or fields[2] in ends:
+                inodes.add(fields[9])
+    markers = {"@" + _marker_name(port)[1:].decode() for port in ports}
+    with open("/proc/net/unix") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if len(fields) > 7 and fields[7] in markers:
+                inodes.add(fields[6])
+    return inodes
 
 
 def leader_holds_marker(port: int) -> bool:

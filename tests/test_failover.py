@@ -463,6 +463,8 @@ def test_a_child_forked_keeps_no_socket_on_the_port(port, upstream) -> None:
     parent = cluster(KVClient, port=port, name="kv", **FAST).delegate("whoami").create(upstream.port)
     parent.wait_ready(10)
     unrecorded = socket.create_connection(("127.0.0.1", port))
+    unrelated = socket.create_connection(("127.0.0.1", upstream.port))  # the app's own: kept as it is
+    socket.setdefaulttimeout(5.0)  # an app's: the child's scan must not apply it to that socket
     ctx = multiprocessing.get_context("fork")
     q = ctx.Queue()
 
@@ -472,17 +474,20 @@ def test_a_child_forked_keeps_no_socket_on_the_port(port, upstream) -> None:
         me = psutil.Process()
         conns = me.net_connections("inet") if hasattr(me, "net_connections") else me.connections("inet")
         # (the child's own connection to the parent, made as it joins, is its own)
-        q.put([(c.laddr, c.raddr) for c in conns if c.laddr[1] in theirs and (not c.raddr or c.raddr[1] in theirs)])
+        leaked = [(c.laddr, c.raddr) for c in conns if c.laddr[1] in theirs and (not c.raddr or c.raddr[1] in theirs)]
+        q.put((leaked, os.get_blocking(unrelated.fileno())))
 
     p = ctx.Process(target=child)
     p.start()
     try:
-        assert q.get(timeout=30) == []
+        assert q.get(timeout=30) == ([], True)
     finally:
+        socket.setdefaulttimeout(None)
         p.join(10)
         if p.is_alive():
             p.kill()
         unrecorded.close()
+        unrelated.close()
     assert parent.whoami() == os.getpid()  # the parent's sockets are untouched
     parent.close()
 
