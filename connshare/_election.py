@@ -113,21 +113,22 @@ def _inodes_on(ports: set[int]) -> set[str]:
     # /proc/net/tcp writes an address as its 32 bits in host order, in hex
     host = f"{struct.unpack('=I', socket.inet_aton(HOST))[0]:08X}"
     ends = {f"{host}:{port:04X}" for port in ports}
-    inodes = set()
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if fields[1] in ends or fields[2] in ends:
-                inodes.add(fields[9])
     markers = {"@" + _marker_name(port)[1:].decode() for port in ports}
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if len(fields) > 7 and fields[7] in markers:
-                inodes.add(fields[6])
+    inodes = set()
+    for line in _lines("/proc/net/tcp")[1:]:
+        fields = line.split()
+        if fields[1] in ends or fields[2] in ends:
+            inodes.add(fields[9])
+    for line in _lines("/proc/net/unix")[1:]:
+        fields = line.split()
+        if len(fields) > 7 and fields[7] in markers:
+            inodes.add(fields[6])
     return inodes
+
+
+def _lines(path: str) -> list[str]:
+    with open(path) as f:
+        return f.read().splitlines()
 
 
 def leader_holds_marker(port: int) -> bool:
