@@ -834,6 +834,19 @@ class FollowerConnection:
     def forget(self, rid: int) -> None:
         self.pending.pop(rid, None)
 
+    def withdraw(self, rid: int) -> None:
+        """The caller of request ``rid`` was cancelled: forget the request and, if
+        it was not answered yet, ask the leader to cancel the call. Never raises: the
+        caller is on its way out with its CancelledError."""
+        if self.pending.pop(rid, None) is None:
+            return  # answered (or failed) already
+        try:
+            self.send(self.codec.pack([MsgType.CANCEL, rid]), 1.0)
+        except Exception as exc:  # the connection is over: so is the call
+            log.debug("CANCEL of request %s not sent: %r", rid, exc)
+        if self.draining and not self.pending:
+            self.close()  # as when its last answer comes
+
     def send_oneway(self, wire: list) -> None:
         self.check_usable()
         self.send(self.codec.pack(wire), 1.0)

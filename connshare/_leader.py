@@ -397,6 +397,9 @@ class PeerProtocol:
                 entry[0].unsubscribe(entry[1], self)
         elif t == MsgType.PUBLISH:
             self._publish(wire)
+        elif t == MsgType.CANCEL:
+            # A blocking method's call runs on to its end: a thread cannot be stopped.
+            self.node.runner.withdraw(self._finish, wire[1])
         elif t == MsgType.REGISTER:
             # Not calls: one may wait for as long as this process takes to create
             # its channel. Bounded on their own, with the same limit.

@@ -898,6 +898,11 @@ class Node:
                 )
                 try:
                     return await fut
+                except asyncio.CancelledError:
+                    # the caller's own cancellation (wait_for, a task group): the
+                    # leader stops the call now, not at its timeout
+                    conn.withdraw(rid)
+                    raise
                 finally:
                     if not fut.done():
                         conn.forget(rid)

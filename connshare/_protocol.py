@@ -46,8 +46,8 @@ from ._errors import (
 MAGIC = "connshare"
 #: 2: messages of an open connection carry no length prefix; 3: REGISTER names
 #: the follower's data class; 4: AUTH and WELCOME carry each side's max_frame_size;
-#: 5: SUB_ERROR
-PROTOCOL_VERSION = 5
+#: 5: SUB_ERROR; 6: CANCEL
+PROTOCOL_VERSION = 6
 HEADER = struct.Struct(">I")
 NONCE_SIZE = 16
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
@@ -73,6 +73,7 @@ class MsgType(enum.IntEnum):
     GOODBYE = 20
     CHANNEL_ERROR = 21
     SUB_ERROR = 22
+    CANCEL = 23
 
 
 class ErrorCode(enum.IntEnum):
@@ -285,6 +286,16 @@ class SubError(Message):
     key: int
     type_name: str
     message: str
+
+
+@_message(MsgType.CANCEL, _INT)
+@attrs.frozen
+class Cancel(Message):
+    """The follower's caller of request ``rid`` gave up on it (its task was
+    cancelled): the leader cancels the call if it is a coroutine one still
+    running, and answers nothing."""
+
+    rid: int
 
 
 def check_keys(value: Any) -> None:

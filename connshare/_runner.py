@@ -175,6 +175,9 @@ class CoroRunner:
         self._expired: set[asyncio.Task] = set()
         #: this process's own, cancelled as it closes its clients
         self._closed_own: set[asyncio.Task] = set()
+        #: per (done, rid) of another process's call that waits, the task driving it:
+        #: what a CANCEL from its caller cancels
+        self._calls: dict[tuple[Done, int], asyncio.Task] = {}
         #: per caller loop (call_async), the calls awaited on it, and their deadlines:
         #: one timer per loop, not per call (a timer per call cost 6 to 9 µs of 60 to 95)
         self._awaited: dict[asyncio.AbstractEventLoop, set[_Waiter]] = {}
@@ -202,6 +205,29 @@ class CoroRunner:
             t.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+
+    def withdraw(self, done: Done, rid: int) -> bool:
+        """Call ``rid`` answered by ``done`` lost its caller (on the loop): cancel it
+        if it waits, or drop it if it has not started; nobody is answered (``done``
+        gets :class:`Abandoned`). False if there is no such call (it has ended, or
+        is not a coroutine one)."""
+        if not rid:
+            return False
+        task = self._calls.get((done, rid))
+        if task is not None:
+            if not task.done():
+                self._abandoned.add(task)
+                task.cancel()
+            return True
+        # Not started: its INVOKE came in the read that brought the CANCEL.
+        queue = self.queue
+        for i, item in enumerate(queue):
+            if item[2] == rid and item[1] == done:
+                del queue[i]
+                item[0].close()
+                done(rid, None, Abandoned("its caller cancelled the call before it started"))
+                return True
+        return False
 
     def submit(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int, timeout: float | None = None) -> None:
         """Queue a call (on the loop); ``kick()`` once the read's calls are queued.
@@ -359,6 +385,8 @@ class CoroRunner:
                 else:
                     task._log_destroy_pending = True  # type: ignore[attr-defined]
                     fut.set_result((coro, ctx, step, done, rid, timeout))
+                    if rid:  # a CANCEL may come before the task drives it
+                        self._calls[(done, rid)] = task
         finally:
             _leave_task(loop, task)
         if fut.done():  # a call took the host, or cancelled it: the rest wait for a new one
@@ -382,9 +410,14 @@ class CoroRunner:
             # Cancelled (by an earlier call it was lent to) after a call was handed
             # to it: that call must not be lost.
             if fut.done() and not fut.cancelled():
-                coro, _, _, done, rid, _ = fut.result()
+                coro, _, _, done, rid, timeout = fut.result()
                 coro.close()
-                done(rid, None, RuntimeError("the call was cancelled on the leader"))
+                self._calls.pop((done, rid), None)
+                me = asyncio.current_task()
+                assert me is not None
+                why = self._why_cancelled(me, timeout)
+                self._abandoned.discard(me)
+                done(rid, None, why)
             raise
         await self._drive(coro, ctx, step, done, rid, timeout)
 
@@ -394,20 +427,15 @@ class CoroRunner:
         me = asyncio.current_task()
         assert me is not None
         self._tasks[me] = done
+        if rid:
+            self._calls[(done, rid)] = me
         # Only a call that waits gets here, and pays for the timer.
         # (a peer's NaN or inf would be a timer nobody wants in the loop's heap)
         expiry = self.loop.call_later(timeout, self._expire, me) if timeout and 0 < timeout <= MAX_SECONDS else None
         try:
             value = await _Resume(coro, ctx, step)
         except asyncio.CancelledError:
-            if me in self._abandoned:
-                done(rid, None, Abandoned("the leader closed with the call running"))
-            elif me in self._closed_own:
-                done(rid, None, ClientClosedError("this process closed its clients with the call running"))
-            elif me in self._expired:
-                done(rid, None, CallTimeoutError(f"the call did not finish within its timeout ({timeout:.3g} s): cancelled on the leader"))
-            else:
-                done(rid, None, RuntimeError("the call was cancelled on the leader"))
+            done(rid, None, self._why_cancelled(me, timeout))
             raise
         except BaseException as exc:
             done(rid, None, exc)
@@ -417,9 +445,21 @@ class CoroRunner:
             if expiry is not None:
                 expiry.cancel()
             self._tasks.pop(me, None)
+            if rid:
+                self._calls.pop((done, rid), None)
             self._abandoned.discard(me)
             self._expired.discard(me)
             self._closed_own.discard(me)
+
+    def _why_cancelled(self, task: asyncio.Task, timeout: float | None) -> BaseException:
+        """What the caller of the call ``task`` drove is told of its cancellation."""
+        if task in self._abandoned:
+            return Abandoned("the call was cancelled with nobody to answer: its caller gave up, or the leader closed")
+        if task in self._closed_own:
+            return ClientClosedError("this process closed its clients with the call running")
+        if task in self._expired:
+            return CallTimeoutError(f"the call did not finish within its timeout ({timeout:.3g} s): cancelled on the leader")
+        return RuntimeError("the call was cancelled on the leader")
 
     def _expire(self, task: asyncio.Task) -> None:
         if not task.done():

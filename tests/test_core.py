@@ -328,6 +328,24 @@ def test_a_coroutine_call_that_timed_out_is_cancelled_on_the_leader(port, upstre
     assert follower.request(how, "0", "aecho", ["ok"]) == "ok"
 
 
+def test_a_coroutine_call_whose_caller_was_cancelled_is_cancelled_on_the_leader_at_once(port, upstream, spawn) -> None:
+    # asyncio.wait_for, a task group, a request handler whose client went away: the
+    # follower's caller is cancelled. The leader stops the call then, not at its
+    # timeout (two minutes here), and its place among the calls in flight is free.
+    opts = {"response_timeout": 120, "max_inflight_per_follower": 1}
+    delegates = ["asleep_noting", "noted", "aecho"]
+    a, b = spawn([kv_spec(port, upstream.port, delegates=delegates, **opts)], [kv_spec(port, upstream.port, delegates=delegates, **opts)])
+    a.ready()
+    b.ready()
+    leader, follower = (a, b) if a.role()["is_leader"] else (b, a)
+    for i in range(2):
+        assert follower.request("acall_cancelled", "0", "asleep_noting", [600, i], 0.2) is True
+        wait_until(lambda i=i: leader.call("noted") == list(range(i + 1)), timeout=10, what="the call to be cancelled on the leader")
+        wait_until(lambda: leader.request("inflight", "0") == 0, timeout=10, what="the call's place to be free")
+        assert follower.request("acall", "0", "aecho", ["ok"]) == "ok"
+    assert follower.request("pending", "0") == 0
+
+
 def test_a_call_that_cancels_its_task_loses_no_other_call(port, upstream, spawn) -> None:
     # Calls that do not wait run in a task the leader lends them. A call that
     # cancels that task must not take down the call handed to it next (after the

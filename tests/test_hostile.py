@@ -624,6 +624,37 @@ def test_one_followers_slow_calls_do_not_delay_anothers(port) -> None:
         assert took < 0.15, f"b waited {took:.2f} s behind a's calls"
 
 
+def test_a_cancel_stops_a_coroutine_call_and_nothing_answers_it(port) -> None:
+    # CANCEL: the follower's caller gave up. A coroutine call goes, whether it waits
+    # (in a task of its own by then) or has not started (its INVOKE came in the same
+    # read), and its place among the calls in flight with it; nothing answers it. A
+    # blocking method's call cannot be stopped: it runs on and is answered. A CANCEL
+    # of a request that is not running changes nothing.
+    with in_process_leader(port, ARENA_DELEGATES, secret=SECRET, max_inflight_per_follower=2) as leader, RawPeer(port) as p:
+        p.handshake(SECRET)
+        ch = p.register("b")
+        node = leader._node
+        p.send([MsgType.INVOKE, 10, ch, "asleep", [600], {}, 0, None])
+        wait_until(lambda: node.inflight == 1, what="the call to run")
+        p.send([MsgType.CANCEL, 10])
+        wait_until(lambda: node.inflight == 0, what="the waiting call to be cancelled")
+        p.send_raw(pack([MsgType.INVOKE, 11, ch, "asleep", [600], {}, 0, None]) + pack([MsgType.CANCEL, 11]) + pack([MsgType.PING, 2]))
+        _, seen = p.recv_until(lambda m: m == [MsgType.PONG, 2])
+        wait_until(lambda: node.inflight == 0, what="the call not started to be dropped")
+        p.send_raw(pack([MsgType.INVOKE, 12, ch, "sleep", [0.1], {}, 0, None]) + pack([MsgType.CANCEL, 12]) + pack([MsgType.CANCEL, 999]))
+        answer, before = p.recv_until(lambda m: m[0] in (MsgType.RESULT, MsgType.ERROR) and m[1] == 12)
+        assert answer == [MsgType.RESULT, 12, 0.1]
+        wait_until(lambda: node.inflight == 0, what="the blocking call's place to be free")
+        p.send([MsgType.PING, 1])
+        _, more = p.recv_until(lambda m: m == [MsgType.PONG, 1])
+        assert seen + before + more == [], "nothing answers a cancelled call"
+        # both places free: two calls at once
+        calls = [[MsgType.INVOKE, 13, ch, "asleep", [0.01], {}, 0, None], [MsgType.INVOKE, 14, ch, "aecho", ["ok"], {}, 0, None]]
+        p.send_raw(b"".join(map(pack, calls)))
+        answers = [p.recv(), p.recv()]
+        assert sorted(answers) == [[MsgType.RESULT, 13, 0.01], [MsgType.RESULT, 14, "ok"]]
+
+
 # -- limits that need a leader of their own ----------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from connshare._protocol import (
     MESSAGES,
     PROTOCOL_VERSION,
     Auth,
+    Cancel,
     Challenge,
     ChannelError,
     Codec,
@@ -59,6 +60,7 @@ EXAMPLES = [
     Goodbye(),
     ChannelError(1, "builtins:OSError", "upstream down"),
     SubError(9, "builtins:ValueError", "no such key"),
+    Cancel(7),
 ]
 
 
