@@ -53,6 +53,8 @@ except ImportError:  # pragma: no cover - a future asyncio without them
 
 #: ``done(rid, value, exc)``: answers one call
 Done = Callable[[int, Any, "BaseException | None"], None]
+#: a call queued to start: [coro, done, rid, timeout]; coro is None once withdrawn
+Queued = list
 
 #: hands an outcome over to a caller waiting in place, or to its future once it
 #: stopped waiting: never to both, never to neither
@@ -160,7 +162,10 @@ class CoroRunner:
         #: whether an awaiting caller may wait for the outcome in place (None: never)
         self.in_place = InPlace(wait_in_place) if wait_in_place else None
         #: calls whose first step has not run yet, with their timeouts
-        self.queue: deque[tuple[Coroutine[Any, Any, Any], Done, int, float | None]] = deque()
+        self.queue: deque[Queued] = deque()
+        #: (done, rid) -> its queued call, made at the first CANCEL that finds calls
+        #: queued and kept until the queue empties: each CANCEL then costs O(1)
+        self._qindex: dict[tuple[Done, int], Queued] | None = None
         #: a batch of calls is running (their answers wait for its end)
         self.running = False
         self._after: list[Callable[[], None]] = []
@@ -175,9 +180,11 @@ class CoroRunner:
         self._expired: set[asyncio.Task] = set()
         #: this process's own, cancelled as it closes its clients
         self._closed_own: set[asyncio.Task] = set()
-        #: per (done, rid) of another process's call that waits, the task driving it:
-        #: what a CANCEL from its caller cancels
+        #: per (done, rid) of another process's call that waits, the task driving it
+        #: (or about to): what a CANCEL from its caller cancels
         self._calls: dict[tuple[Done, int], asyncio.Task] = {}
+        #: tasks whose call was withdrawn: answered already, so never again
+        self._withdrawn: set[asyncio.Task] = set()
         #: per caller loop (call_async), the calls awaited on it, and their deadlines:
         #: one timer per loop, not per call (a timer per call cost 6 to 9 µs of 60 to 95)
         self._awaited: dict[asyncio.AbstractEventLoop, set[_Waiter]] = {}
@@ -208,32 +215,46 @@ class CoroRunner:
 
     def withdraw(self, done: Done, rid: int) -> bool:
         """Call ``rid`` answered by ``done`` lost its caller (on the loop): cancel it
-        if it waits, or drop it if it has not started; nobody is answered (``done``
-        gets :class:`Abandoned`). False if there is no such call (it has ended, or
-        is not a coroutine one)."""
-        if not rid:
+        if it waits, or drop it if it has not started. ``done`` gets
+        :class:`Abandoned` now, so the call's place is free for a request read
+        next; nothing is answered. False if there is no such call (it has ended,
+        or is not a coroutine one)."""
+        if not rid:  # a oneway call: its caller waits for nothing
             return False
-        task = self._calls.get((done, rid))
+        key = (done, rid)
+        task = self._calls.pop(key, None)
         if task is not None:
-            if not task.done():
-                self._abandoned.add(task)
+            if task in self._withdrawn or task.done():
+                return False
+            self._withdrawn.add(task)
+            if task in self._tasks:
                 task.cancel()
+            # else the task has the call but has not begun to drive it: it cancels
+            # itself once it does, so that the call sees a CancelledError in its own
+            # context, not a GeneratorExit from close()
+            done(rid, None, Abandoned("its caller cancelled the call"))
             return True
-        # Not started: its INVOKE came in the read that brought the CANCEL.
-        queue = self.queue
-        for i, item in enumerate(queue):
-            if item[2] == rid and item[1] == done:
-                del queue[i]
-                item[0].close()
-                done(rid, None, Abandoned("its caller cancelled the call before it started"))
-                return True
-        return False
+        if not self.queue:
+            return False
+        index = self._qindex
+        if index is None:
+            index = self._qindex = {(item[1], item[2]): item for item in self.queue}
+        item = index.pop(key, None)
+        if item is None:
+            return False
+        coro, item[0] = item[0], None  # skipped when its turn comes
+        coro.close()  # never started: nothing runs
+        done(rid, None, Abandoned("its caller cancelled the call before it started"))
+        return True
 
     def submit(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int, timeout: float | None = None) -> None:
         """Queue a call (on the loop); ``kick()`` once the read's calls are queued.
         A call that waits is cancelled ``timeout`` s later: its caller, in another
         process, has given up on it by then."""
-        self.queue.append((coro, done, rid, timeout))
+        item = [coro, done, rid, timeout]
+        self.queue.append(item)
+        if self._qindex is not None:
+            self._qindex[(done, rid)] = item
 
     def call_from_thread(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple, kwargs: dict, timeout: float) -> Any:
         """Run coroutine method ``fn`` on the loop for a caller on another thread and
@@ -363,11 +384,15 @@ class CoroRunner:
             _enter_task(loop, task)
         except RuntimeError:  # or a task is running already (not our caller's case)
             while queue:
-                self._own_task(*queue.popleft())
+                coro, done, rid, timeout = self._take(queue.popleft())
+                if coro is not None:
+                    self._own_task(coro, done, rid, timeout)
             return
         try:
             while queue and not fut.done():
-                coro, done, rid, timeout = queue.popleft()
+                coro, done, rid, timeout = self._take(queue.popleft())
+                if coro is None:
+                    continue
                 ctx = contextvars.copy_context()
                 try:
                     step = ctx.run(coro.send, None)
@@ -394,6 +419,16 @@ class CoroRunner:
             if queue:
                 loop.call_soon(self.kick)
 
+    def _take(self, item: Queued) -> Queued:
+        """``item``, just taken from the queue, out of the CANCEL index."""
+        index = self._qindex
+        if index is not None:
+            if index.get((item[1], item[2])) is item:
+                del index[(item[1], item[2])]
+            if not self.queue:
+                self._qindex = None
+        return item
+
     def _park(self) -> _Host:
         host = self._host = _Host(self.loop)
         host.task = self.loop.create_task(self._hosted(host))
@@ -411,13 +446,18 @@ class CoroRunner:
             # to it: that call must not be lost.
             if fut.done() and not fut.cancelled():
                 coro, _, _, done, rid, timeout = fut.result()
-                coro.close()
-                self._calls.pop((done, rid), None)
                 me = asyncio.current_task()
                 assert me is not None
-                why = self._why_cancelled(me, timeout)
-                self._abandoned.discard(me)
-                done(rid, None, why)
+                try:
+                    coro.close()
+                finally:
+                    self._calls.pop((done, rid), None)
+                    if me in self._withdrawn:
+                        self._withdrawn.discard(me)
+                    else:
+                        why = self._why_cancelled(me, timeout)
+                        self._abandoned.discard(me)
+                        done(rid, None, why)
             raise
         await self._drive(coro, ctx, step, done, rid, timeout)
 
@@ -429,24 +469,30 @@ class CoroRunner:
         self._tasks[me] = done
         if rid:
             self._calls[(done, rid)] = me
+        if me in self._withdrawn:  # its caller cancelled it before this began
+            me.cancel()
         # Only a call that waits gets here, and pays for the timer.
         # (a peer's NaN or inf would be a timer nobody wants in the loop's heap)
         expiry = self.loop.call_later(timeout, self._expire, me) if timeout and 0 < timeout <= MAX_SECONDS else None
         try:
             value = await _Resume(coro, ctx, step)
         except asyncio.CancelledError:
-            done(rid, None, self._why_cancelled(me, timeout))
+            if me not in self._withdrawn:
+                done(rid, None, self._why_cancelled(me, timeout))
             raise
         except BaseException as exc:
-            done(rid, None, exc)
+            if me not in self._withdrawn:
+                done(rid, None, exc)
         else:
-            done(rid, value, None)
+            if me not in self._withdrawn:
+                done(rid, value, None)
         finally:
             if expiry is not None:
                 expiry.cancel()
             self._tasks.pop(me, None)
-            if rid:
-                self._calls.pop((done, rid), None)
+            if rid and self._calls.get((done, rid)) is me:
+                del self._calls[(done, rid)]
+            self._withdrawn.discard(me)
             self._abandoned.discard(me)
             self._expired.discard(me)
             self._closed_own.discard(me)
@@ -454,7 +500,7 @@ class CoroRunner:
     def _why_cancelled(self, task: asyncio.Task, timeout: float | None) -> BaseException:
         """What the caller of the call ``task`` drove is told of its cancellation."""
         if task in self._abandoned:
-            return Abandoned("the call was cancelled with nobody to answer: its caller gave up, or the leader closed")
+            return Abandoned("the leader closed with the call running")
         if task in self._closed_own:
             return ClientClosedError("this process closed its clients with the call running")
         if task in self._expired:

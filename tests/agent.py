@@ -165,6 +165,29 @@ class Agent:
 
         return self._await(go())
 
+    def op_acalls_cut_short(self, cid: str, method: str, args: list, n: int, cut: float) -> dict:
+        """``n`` times: await a call under ``asyncio.wait_for(..., cut)``, then at
+        once ``aecho``, the usual retry; how each went, by kind."""
+        c = self.clients[cid]
+
+        async def go() -> dict:
+            kinds: dict[str, int] = {}
+            for i in range(n):
+                try:
+                    await asyncio.wait_for(getattr(c, method)(*args), cut)
+                    kind = "finished"
+                except asyncio.TimeoutError:
+                    kind = "cut"
+                kinds[kind] = kinds.get(kind, 0) + 1
+                try:
+                    kind = "next ok" if await c.aecho(i) == i else "next wrong"
+                except Exception as exc:
+                    kind = f"next {type(exc).__name__}"
+                kinds[kind] = kinds.get(kind, 0) + 1
+            return kinds
+
+        return self._await(go())
+
     def op_ainvoke(self, cid: str, method: str, args: list) -> Any:
         c = self.clients[cid]
         return self._await(c.ainvoke(method, *args))

@@ -343,6 +343,9 @@ def test_a_coroutine_call_whose_caller_was_cancelled_is_cancelled_on_the_leader_
         wait_until(lambda i=i: leader.call("noted") == list(range(i + 1)), timeout=10, what="the call to be cancelled on the leader")
         wait_until(lambda: leader.request("inflight", "0") == 0, timeout=10, what="the call's place to be free")
         assert follower.request("acall", "0", "aecho", ["ok"]) == "ok"
+    # the usual retry: the next call leaves right after the cancelled one's CANCEL
+    assert follower.request("acalls_cut_short", "0", "asleep_noting", [600, "cut"], 30, 0.02) == {"cut": 30, "next ok": 30}
+    wait_until(lambda: leader.call("noted") == [0, 1, *["cut"] * 30], timeout=10, what="every call cut short to be cancelled")
     assert follower.request("pending", "0") == 0
 
 

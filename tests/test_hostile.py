@@ -634,12 +634,17 @@ def test_a_cancel_stops_a_coroutine_call_and_nothing_answers_it(port) -> None:
         p.handshake(SECRET)
         ch = p.register("b")
         node = leader._node
-        p.send([MsgType.INVOKE, 10, ch, "asleep", [600], {}, 0, None])
-        wait_until(lambda: node.inflight == 1, what="the call to run")
-        p.send([MsgType.CANCEL, 10])
-        wait_until(lambda: node.inflight == 0, what="the waiting call to be cancelled")
+        p.send_raw(b"".join(pack([MsgType.INVOKE, rid, ch, "asleep", [600], {}, 0, None]) for rid in (9, 10)))
+        wait_until(lambda: node.inflight == 2, what="the calls to run")
+        # its place is free for the next request of the same read: the usual retry
+        p.send_raw(pack([MsgType.CANCEL, 10]) + pack([MsgType.INVOKE, 15, ch, "aecho", ["next"], {}, 0, None]))
+        answer, seen = p.recv_until(lambda m: m[1] == 15)
+        assert answer == [MsgType.RESULT, 15, "next"]
+        p.send([MsgType.CANCEL, 9])
+        wait_until(lambda: node.inflight == 0, what="the waiting calls to be cancelled")
         p.send_raw(pack([MsgType.INVOKE, 11, ch, "asleep", [600], {}, 0, None]) + pack([MsgType.CANCEL, 11]) + pack([MsgType.PING, 2]))
-        _, seen = p.recv_until(lambda m: m == [MsgType.PONG, 2])
+        _, more = p.recv_until(lambda m: m == [MsgType.PONG, 2])
+        seen += more
         wait_until(lambda: node.inflight == 0, what="the call not started to be dropped")
         p.send_raw(pack([MsgType.INVOKE, 12, ch, "sleep", [0.1], {}, 0, None]) + pack([MsgType.CANCEL, 12]) + pack([MsgType.CANCEL, 999]))
         answer, before = p.recv_until(lambda m: m[0] in (MsgType.RESULT, MsgType.ERROR) and m[1] == 12)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 import pytest
 
 from connshare import CallTimeoutError, _runner
 from connshare._runner import CoroRunner
+from tests.harness import wait_until
 
 
 @attrs.define
@@ -134,3 +137,101 @@ def test_an_outcome_that_meets_the_end_of_a_wait_in_place_reaches_the_future(mon
         assert loop.run_until_complete(asyncio.wait_for(fut, 10)) == "the answer"
     finally:
         loop.close()
+
+
+def _on_loop(lt: LoopThread, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in one callback of the runner's loop; its value."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            out.set_result(fn())
+        except BaseException as exc:
+            out.set_exception(exc)
+
+    lt.loop.call_soon_threadsafe(run)
+    return out.result(10)
+
+
+@attrs.define
+class _Calls:
+    """A peer's calls as the runner sees them: what each call saw, how each was answered."""
+
+    saw: dict[int, str] = attrs.Factory(dict)
+    answers: list[tuple[int, Any, BaseException | None]] = attrs.Factory(list)
+    cleaned: threading.Event = attrs.Factory(threading.Event)
+
+    def done(self, rid: int, value: Any, exc: BaseException | None) -> None:
+        self.answers.append((rid, value, exc))
+
+    async def call(self, rid: int, seconds: float) -> str:
+        try:
+            await asyncio.sleep(seconds)
+        except BaseException as exc:
+            self.saw[rid] = type(exc).__name__
+            raise
+        finally:
+            await asyncio.sleep(0)  # cleanup that awaits: a close() would make it raise
+            self.cleaned.set()
+        self.saw[rid] = "ran"
+        return "ran"
+
+
+def _runner_state(r: CoroRunner) -> tuple:
+    return (len(r._calls), len(r._withdrawn), len(r._tasks), len(r.queue), r._qindex)
+
+
+def test_a_withdrawn_call_is_answered_once_at_once_and_cancelled_in_its_own_context(lt: LoopThread) -> None:
+    # A CANCEL answers the call (Abandoned, which sends nothing) inside the read
+    # that brought it, so that its place is free for the next request of that
+    # read. The call itself sees a CancelledError, whether its task drives it
+    # already or has only just been handed it (a GeneratorExit from close()
+    # would skip its except clauses, and fail cleanup that awaits).
+    r, calls = lt.runner, _Calls()
+    _on_loop(lt, lambda: (r.submit(calls.call(0, 0), calls.done, 100), r.kick()))  # parks a host
+    wait_until(lambda: len(calls.answers) == 1, what="the first call")
+
+    def handed_then_withdrawn() -> bool:
+        r.submit(calls.call(1, 600), calls.done, 1)
+        r.kick()  # the call waits: it is handed to the host task, which has not run yet
+        return r.withdraw(calls.done, 1) and len(calls.answers) == 2
+
+    assert _on_loop(lt, handed_then_withdrawn)
+    wait_until(lambda: calls.saw.get(1) and calls.cleaned.is_set(), what="the call to see its cancellation")
+    assert calls.saw[1] == "CancelledError"
+
+    _on_loop(lt, lambda: (r.submit(calls.call(2, 600), calls.done, 2), r.kick()))
+    wait_until(lambda: _on_loop(lt, lambda: len(r._tasks)) == 1, what="the call to wait in its task")
+    assert _on_loop(lt, lambda: r.withdraw(calls.done, 2) and len(calls.answers) == 3)
+    wait_until(lambda: calls.saw.get(2), what="the waiting call to see its cancellation")
+    assert calls.saw[2] == "CancelledError"
+    assert [(rid, type(exc).__name__) for rid, _, exc in calls.answers[1:]] == [(1, "Abandoned"), (2, "Abandoned")]
+    wait_until(lambda: _on_loop(lt, lambda: _runner_state(r)) == (0, 0, 0, 0, None), what="the runner to hold nothing")
+    assert len(calls.answers) == 3, "answered twice"
+
+
+def test_a_withdrawn_call_that_has_not_started_never_runs(lt: LoopThread) -> None:
+    # The INVOKE and its CANCEL came in one read: the call never starts. Its
+    # neighbours in the queue run; a CANCEL of a call that is not there (answered,
+    # a oneway call, or another's) changes nothing.
+    r, calls = lt.runner, _Calls()
+
+    def queue_then_withdraw() -> list:
+        for rid in (1, 2, 3):
+            r.submit(calls.call(rid, 0), calls.done, rid)
+        out = [r.withdraw(calls.done, 2), r.withdraw(calls.done, 2), r.withdraw(calls.done, 9), r.withdraw(calls.done, 0)]
+        r.submit(calls.call(4, 0), calls.done, 4)  # queued after the index was made
+        out.append(r.withdraw(calls.done, 4))
+        r.kick()
+        return out
+
+    assert _on_loop(lt, queue_then_withdraw) == [True, False, False, False, True]
+    wait_until(lambda: len(calls.answers) == 4, what="the calls left to run")
+    assert sorted((rid, type(exc).__name__ if exc else value) for rid, value, exc in calls.answers) == [
+        (1, "ran"),
+        (2, "Abandoned"),
+        (3, "ran"),
+        (4, "Abandoned"),
+    ]
+    assert 2 not in calls.saw and 4 not in calls.saw
+    wait_until(lambda: _on_loop(lt, lambda: _runner_state(r)) == (0, 0, 0, 0, None), what="the runner to hold nothing")
