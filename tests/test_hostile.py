@@ -95,6 +95,7 @@ def requests(ch: int, first_rid: int) -> st.SearchStrategy[list]:
         st.builds(lambda r, k: [MsgType.SUBSCRIBE, r, ch, "subscribe", {"key": k}], rid, st.text(max_size=4)),
         st.builds(lambda k: [MsgType.UNSUBSCRIBE, k], st.integers(0, 50)),
         st.builds(lambda r: [MsgType.REGISTER, r, "b", "BlastClient"], rid),
+        st.builds(lambda r: [MsgType.CANCEL, r], rid),
     )
 
 
@@ -109,7 +110,16 @@ def leader_refuses(data: bytes) -> bool:
     return any(wire[0] not in FOLLOWER_TYPES for wire in wires)
 
 
-FOLLOWER_TYPES = {MsgType.INVOKE, MsgType.PING, MsgType.PONG, MsgType.SUBSCRIBE, MsgType.UNSUBSCRIBE, MsgType.PUBLISH, MsgType.REGISTER}
+FOLLOWER_TYPES = {
+    MsgType.INVOKE,
+    MsgType.PING,
+    MsgType.PONG,
+    MsgType.SUBSCRIBE,
+    MsgType.UNSUBSCRIBE,
+    MsgType.PUBLISH,
+    MsgType.REGISTER,
+    MsgType.CANCEL,
+}
 LEADER_ONLY = sorted(set(MESSAGES) - FOLLOWER_TYPES)
 bad_rids = st.one_of(
     st.integers(min_value=-(2**63), max_value=-1), st.booleans(), st.floats(), st.text(max_size=3), st.none(), st.binary(max_size=3)
