@@ -175,3 +175,15 @@ def raised_again(exc: BaseException) -> BaseException:
     if exc.__cause__ is not None:
         new.__cause__ = exc.__cause__
     return new
+
+
+def awaitable(exc: BaseException) -> BaseException:
+    """``exc`` as an awaited call raises it. An asyncio future refuses
+    ``StopIteration`` (it would end the awaiting coroutine as a return); a
+    coroutine that lets one out raises ``RuntimeError`` instead (PEP 479), and
+    so does an awaited call whose method raised one, with it as the cause."""
+    if not isinstance(exc, StopIteration):
+        return exc
+    new = RuntimeError(f"the method raised StopIteration{f': {exc}' if str(exc) else ''}")
+    new.__cause__ = exc
+    return new

@@ -55,6 +55,7 @@ from ._errors import (
     LeaderUnresponsiveError,
     NotSentError,
     ProtocolError,
+    awaitable,
 )
 from ._inplace import InPlace, Spin
 from ._loop import add_reader_in_place
@@ -170,7 +171,7 @@ def _settle_futs(items: list) -> None:
             if ok:
                 fut.set_result(value)
             else:
-                fut.set_exception(value)
+                fut.set_exception(awaitable(value))
 
 
 class FollowerConnection:
@@ -1028,7 +1029,7 @@ class FollowerConnection:
                 if ok:
                     fut.set_result(value)
                 else:
-                    fut.set_exception(value)
+                    fut.set_exception(awaitable(value))
         else:
             p.settle(ok, value, batch)
 

@@ -17,9 +17,11 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
+from collections.abc import Awaitable
 from typing import Any
 
 from . import _polling, _priority
@@ -40,6 +42,7 @@ from ._errors import (
     NotSentError,
     PortInUseError,
     ProtocolError,
+    awaitable,
     raised_again,
 )
 from ._follower import FollowerConnection
@@ -124,6 +127,39 @@ class _Attempts:
             self.retried = True
             return True
         return False
+
+
+def _call_for_await(fn: Any, args: Any, kwargs: dict) -> Any:
+    """Blocking method ``fn`` run for a caller that awaits it (see awaitable())."""
+    try:
+        return fn(*args, **kwargs)
+    except StopIteration as exc:
+        raise awaitable(exc) from exc
+
+
+if sys.version_info >= (3, 11):
+
+    async def _within(aw: Awaitable[Any], left: float, method: str) -> Any:
+        """``await aw``, or CallTimeoutError after ``left`` s, having cancelled it. A
+        TimeoutError the method raises itself stays the method's, as in a follower."""
+        cm = asyncio.timeout(left)
+        try:
+            async with cm:
+                return await aw
+        except TimeoutError:
+            if cm.expired():
+                raise CallTimeoutError(f"{method!r} did not finish in time") from None
+            raise
+
+else:  # pragma: no cover - 3.10: wait_for, whose own timeout comes from the call's cancellation
+
+    async def _within(aw: Awaitable[Any], left: float, method: str) -> Any:
+        try:
+            return await asyncio.wait_for(aw, left)
+        except asyncio.TimeoutError as exc:
+            if not isinstance(exc.__cause__, asyncio.CancelledError):
+                raise
+            raise CallTimeoutError(f"{method!r} did not finish in time") from None
 
 
 class Node:
@@ -926,21 +962,14 @@ class Node:
                 return await self.runner.call_async(fn, args, kwargs, left, loop)
             finally:
                 waits.pop()
-        try:
-            if not is_coro:
-                # a blocking method awaited in the leader: the caller loop's executor
-                try:
-                    job = loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
-                except RuntimeError as exc:  # shut down: the loop ends, or the process exits
-                    raise ClientClosedError(f"cannot run {method!r}: the event loop's executor is shut down ({exc})") from exc
-                return await asyncio.wait_for(job, left)
-            return await asyncio.wait_for(fn(*args, **kwargs), left)
-        except asyncio.TimeoutError as exc:
-            # wait_for's own timeout comes from the call's cancellation; a
-            # TimeoutError the method raised is the method's, as in a follower
-            if not isinstance(exc.__cause__, asyncio.CancelledError):
-                raise
-            raise CallTimeoutError(f"{method!r} did not finish in time") from None
+        if not is_coro:
+            # a blocking method awaited in the leader: the caller loop's executor
+            try:
+                job = loop.run_in_executor(None, _call_for_await, fn, args, kwargs)
+            except RuntimeError as exc:  # shut down: the loop ends, or the process exits
+                raise ClientClosedError(f"cannot run {method!r}: the event loop's executor is shut down ({exc})") from exc
+            return await _within(job, left, method)
+        return await _within(fn(*args, **kwargs), left, method)
 
     def invoke_oneway(self, state: ChannelState, spec: MethodSpec, args: tuple, kwargs: dict) -> None:
         wire = [MsgType.INVOKE, 0, 0, spec.name, list(args), kwargs, ONEWAY, None]
@@ -966,7 +995,7 @@ class Node:
                 if is_coro:
                     await fn(*args, **kwargs)
                 else:
-                    await self.loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+                    await self.loop.run_in_executor(None, _call_for_await, fn, args, kwargs)
             else:
                 conn, wire_id = route
                 conn.send_oneway([MsgType.INVOKE, 0, wire_id, spec.name, list(args), kwargs, ONEWAY, None])

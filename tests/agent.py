@@ -188,6 +188,17 @@ class Agent:
 
         return self._await(go())
 
+    def op_ainvoke_on_connshare_loop(self, cid: str, method: str, args: list) -> Any:
+        """``ainvoke`` awaited on connshare's own loop, where a coroutine listener runs."""
+        c = self.clients[cid]
+
+        async def go() -> Any:
+            return await c.ainvoke(method, *args)
+
+        from connshare._loop import get_loop
+
+        return asyncio.run_coroutine_threadsafe(go(), get_loop()).result(60)
+
     def op_ainvoke(self, cid: str, method: str, args: list) -> Any:
         c = self.clients[cid]
         return self._await(c.ainvoke(method, *args))

@@ -200,6 +200,14 @@ class KVClient(Base):
         await asyncio.sleep(seconds)
         return seconds
 
+    def first(self, items: list) -> Any:
+        """next() of an empty list raises StopIteration, as such a method may."""
+        return next(iter(items))
+
+    async def aown_timeout(self) -> None:
+        """A coroutine method whose own timeout fires: its TimeoutError is its own."""
+        await asyncio.wait_for(asyncio.sleep(5), 0.01)
+
     async def asleep_noting(self, seconds: float, tag: Any) -> float:
         """Sleep; note ``tag`` if the call is cancelled meanwhile."""
         try:

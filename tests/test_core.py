@@ -349,6 +349,38 @@ def test_a_coroutine_call_whose_caller_was_cancelled_is_cancelled_on_the_leader_
     assert follower.request("pending", "0") == 0
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10's wait_for cannot tell its own timeout from a method's")
+@pytest.mark.parametrize("role", ["leader", "follower", "single"])
+def test_stopiteration_and_a_methods_own_timeout_reach_every_caller_as_they_would_locally(port, upstream, spawn, role: str) -> None:
+    # StopIteration: a blocking caller gets it; an awaiting one gets the
+    # RuntimeError a coroutine raises in its place. (An asyncio future refuses
+    # StopIteration: the await hung, and a follower's connection broke.) A
+    # TimeoutError the method raises is the method's, not connshare's
+    # CallTimeoutError, on whichever loop the caller awaits.
+    delegates = ["first", "aown_timeout", "aecho"]
+    if role == "single":
+        (w,) = spawn([kv_spec(port, upstream.port, delegates=delegates, single_mode=True)])
+        w.ready()
+    else:
+        a, b = spawn([kv_spec(port, upstream.port, delegates=delegates)], [kv_spec(port, upstream.port, delegates=delegates)])
+        a.ready()
+        b.ready()
+        w = a if a.role()["is_leader"] == (role == "leader") else b
+    conn = w.request("conn_id", "0")
+    with pytest.raises(AgentError) as info:
+        w.request("invoke", "0", "first", [[]])
+    assert info.value.type == "StopIteration"
+    for op in ("ainvoke", "ainvoke_on_connshare_loop"):
+        with pytest.raises(AgentError) as info:
+            w.request(op, "0", "first", [[]])
+        assert (info.value.type, info.value.desc["cause"]) == ("RuntimeError", "StopIteration"), (op, info.value.desc)
+        with pytest.raises(AgentError) as info:
+            w.request(op, "0", "aown_timeout", [])
+        assert info.value.type == "TimeoutError", (op, info.value.desc)
+    assert w.request("ainvoke", "0", "aecho", ["after"]) == "after"
+    assert w.request("conn_id", "0") == conn
+
+
 def test_a_call_that_cancels_its_task_loses_no_other_call(port, upstream, spawn) -> None:
     # Calls that do not wait run in a task the leader lends them. A call that
     # cancels that task must not take down the call handed to it next (after the
