@@ -384,14 +384,19 @@ class CoroRunner:
             _enter_task(loop, task)
         except RuntimeError:  # or a task is running already (not our caller's case)
             while queue:
-                coro, done, rid, timeout = self._take(queue.popleft())
-                if coro is not None:
-                    self._own_task(coro, done, rid, timeout)
+                item = queue.popleft()
+                if self._qindex is not None:
+                    self._take(item)
+                if item[0] is not None:
+                    self._own_task(*item)
             return
         try:
             while queue and not fut.done():
-                coro, done, rid, timeout = self._take(queue.popleft())
-                if coro is None:
+                item = queue.popleft()
+                if self._qindex is not None:  # a CANCEL came with calls queued
+                    self._take(item)
+                coro, done, rid, timeout = item
+                if coro is None:  # withdrawn
                     continue
                 ctx = contextvars.copy_context()
                 try:
@@ -419,15 +424,14 @@ class CoroRunner:
             if queue:
                 loop.call_soon(self.kick)
 
-    def _take(self, item: Queued) -> Queued:
+    def _take(self, item: Queued) -> None:
         """``item``, just taken from the queue, out of the CANCEL index."""
         index = self._qindex
-        if index is not None:
-            if index.get((item[1], item[2])) is item:
-                del index[(item[1], item[2])]
-            if not self.queue:
-                self._qindex = None
-        return item
+        assert index is not None
+        if index.get((item[1], item[2])) is item:
+            del index[(item[1], item[2])]
+        if not self.queue:
+            self._qindex = None
 
     def _park(self) -> _Host:
         host = self._host = _Host(self.loop)
@@ -514,4 +518,6 @@ class CoroRunner:
 
     def _own_task(self, coro: Coroutine[Any, Any, Any], done: Done, rid: int, timeout: float | None) -> None:
         """A Task for one call, from its first step (without ``_enter_task``)."""
-        self.loop.create_task(self._drive(coro, contextvars.copy_context(), None, done, rid, timeout))
+        task = self.loop.create_task(self._drive(coro, contextvars.copy_context(), None, done, rid, timeout))
+        if rid:  # a CANCEL may come before the task begins
+            self._calls[(done, rid)] = task

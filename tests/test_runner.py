@@ -181,12 +181,18 @@ def _runner_state(r: CoroRunner) -> tuple:
     return (len(r._calls), len(r._withdrawn), len(r._tasks), len(r.queue), r._qindex)
 
 
-def test_a_withdrawn_call_is_answered_once_at_once_and_cancelled_in_its_own_context(lt: LoopThread) -> None:
+@pytest.mark.parametrize("lend", [True, False], ids=["lent_task", "task_per_call"])
+def test_a_withdrawn_call_is_answered_once_at_once_and_cancelled_in_its_own_context(
+    lt: LoopThread, lend: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A CANCEL answers the call (Abandoned, which sends nothing) inside the read
     # that brought it, so that its place is free for the next request of that
     # read. The call itself sees a CancelledError, whether its task drives it
     # already or has only just been handed it (a GeneratorExit from close()
-    # would skip its except clauses, and fail cleanup that awaits).
+    # would skip its except clauses, and fail cleanup that awaits). Without a
+    # task to lend (task_per_call), a call whose task has not begun never runs.
+    if not lend:
+        monkeypatch.setattr(_runner, "_enter_task", None)
     r, calls = lt.runner, _Calls()
     _on_loop(lt, lambda: (r.submit(calls.call(0, 0), calls.done, 100), r.kick()))  # parks a host
     wait_until(lambda: len(calls.answers) == 1, what="the first call")
@@ -197,8 +203,12 @@ def test_a_withdrawn_call_is_answered_once_at_once_and_cancelled_in_its_own_cont
         return r.withdraw(calls.done, 1) and len(calls.answers) == 2
 
     assert _on_loop(lt, handed_then_withdrawn)
-    wait_until(lambda: calls.saw.get(1) and calls.cleaned.is_set(), what="the call to see its cancellation")
-    assert calls.saw[1] == "CancelledError"
+    if lend:
+        wait_until(lambda: calls.saw.get(1) and calls.cleaned.is_set(), what="the call to see its cancellation")
+        assert calls.saw[1] == "CancelledError"
+    else:
+        wait_until(lambda: _on_loop(lt, lambda: _runner_state(r)) == (0, 0, 0, 0, None), what="the runner to hold nothing")
+        assert 1 not in calls.saw
 
     _on_loop(lt, lambda: (r.submit(calls.call(2, 600), calls.done, 2), r.kick()))
     wait_until(lambda: _on_loop(lt, lambda: len(r._tasks)) == 1, what="the call to wait in its task")
