@@ -81,8 +81,13 @@ _READ_SLICE_US = 50_000
 #: long data may sit unread under it before the home loop takes the role back
 _WATCH_S = 0.25
 _STALL_S = 0.5
+#: how long a request's sender waits for room in the socket's buffer before the
+#: leader counts as not reading: whatever the call's timeout, since the send holds
+#: the connection's send lock, which every other caller, the heartbeat and the
+#: readers' PONGs need
+_SEND_WAIT = 1.0
 #: frames a loop turn queues are sent once they reach this much; each send() then
-#: waits (at most 1 s) for room for one piece, not for the whole burst
+#: waits (at most _SEND_WAIT) for room for one piece, not for the whole burst
 _QUEUE_BYTES = 256 * 1024
 #: select() takes no fd above this; a connection on one never waits in place
 _SELECT_MAX = 1024
@@ -338,7 +343,7 @@ class FollowerConnection:
                 self._flush_locked()  # a burst leaves in bounded pieces
                 burst = True
             else:
-                self._send_locked(frame, 1.0)
+                self._send_locked(frame, _SEND_WAIT)
                 if self._cork is not None:
                     return  # another loop's turn is queueing: its frames left with ours
                 self._cork_locked(loop)
@@ -363,7 +368,7 @@ class FollowerConnection:
         except NotSentError as exc:
             self.abort(exc)  # whoever reads the end fails them, as not sent
             raise
-        self._send_locked(b"", 1.0)
+        self._send_locked(b"", _SEND_WAIT)
 
     def _uncork_later(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon(self._uncork, loop)
@@ -442,8 +447,8 @@ class FollowerConnection:
                 ep.modify(self._fd, 0)
             except (OSError, ValueError):
                 pass  # the connection ended and its socket is closed
-            p = self._send_then_pend(rid, frame, timeout)
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timeout  # the send is part of the call
+            p = self._send_then_pend(rid, frame)
             mine = self._read_own_answer(p.lock, rid, deadline)
             if mine is not None:
                 if self.draining and not self.pending:
@@ -482,14 +487,14 @@ class FollowerConnection:
                 return mine
         return None
 
-    def _send_then_pend(self, rid: int, frame: bytes, timeout: float, *pending: Any) -> Pending:
+    def _send_then_pend(self, rid: int, frame: bytes, *pending: Any) -> Pending:
         """With the read token held: send request ``rid``, then make its
         ``Pending(*pending)``. Nobody reads the answer before us, so what the
         caller needs only once it comes is made while the leader works instead
         of before the send; a placeholder holds the request's place meanwhile."""
         self.pending[rid] = _SENDING
         try:
-            self.send(frame, timeout)
+            self.send(frame, _SEND_WAIT)
         except BaseException:
             self.pending.pop(rid, None)
             raise
@@ -506,7 +511,7 @@ class FollowerConnection:
         self.pending[rid] = p
         deadline = time.monotonic() + timeout
         try:
-            self.send(frame, timeout)
+            self.send(frame, _SEND_WAIT)
         except BaseException:
             self.pending.pop(rid, None)
             raise
@@ -580,7 +585,7 @@ class FollowerConnection:
             if busy:
                 self._send_in_turn(frame, loop, rid)
             else:
-                self.send(frame, 1.0)
+                self.send(frame, _SEND_WAIT)
         except BaseException:
             self.pending.pop(rid, None)
             raise
@@ -602,7 +607,7 @@ class FollowerConnection:
         """request_async on ``loop``, the reader, with the read token held: send
         first, then wait for the answer in place if the loop has nothing else to
         run (see _inplace)."""
-        p = self._send_then_pend(rid, frame, 1.0, loop, hook, internal, deadline, timeout)
+        p = self._send_then_pend(rid, frame, loop, hook, internal, deadline, timeout)
         fut: asyncio.Future = p.fut  # type: ignore[assignment]
         try:
             until = in_place.until(loop, deadline)
@@ -842,7 +847,7 @@ class FollowerConnection:
         if self.pending.pop(rid, None) is None:
             return  # answered (or failed) already
         try:
-            self.send(self.codec.pack([MsgType.CANCEL, rid]), 1.0)
+            self.send(self.codec.pack([MsgType.CANCEL, rid]), _SEND_WAIT)
         except Exception as exc:  # the connection is over: so is the call
             log.debug("CANCEL of request %s not sent: %r", rid, exc)
         if self.draining and not self.pending:
@@ -850,7 +855,7 @@ class FollowerConnection:
 
     def send_oneway(self, wire: list) -> None:
         self.check_usable()
-        self.send(self.codec.pack(wire), 1.0)
+        self.send(self.codec.pack(wire), _SEND_WAIT)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -984,6 +989,8 @@ class FollowerConnection:
         except ProtocolError as exc:
             log.error("leader (pid %s) broke the protocol: %s", self.peer_pid, exc)
             self._finish(exc)
+        except (NotSentError, LeaderUnresponsiveError) as exc:  # a PONG found the connection broken
+            self._finish(exc)
         except Exception as exc:
             log.exception("connshare reader failed")
             self._finish(exc)
@@ -1058,7 +1065,7 @@ class FollowerConnection:
             if p is not None:
                 self._answer(p, False, exception_from(msg, self.peer_pid), batch)
         elif t == MsgType.PING:
-            self.send(self.codec.pack([MsgType.PONG, wire[1]]), 1.0)
+            self.send(self.codec.pack([MsgType.PONG, wire[1]]), _SEND_WAIT)
         elif t == MsgType.PONG:
             pass
         elif t in (MsgType.GOODBYE, MsgType.CHANNEL_ERROR, MsgType.SUB_ERROR):
