@@ -732,46 +732,11 @@ def test_a_leader_that_dies_mid_handshake_is_not_taken_for_a_stranger(port) -> N
         server.close()
 
 
-def test_a_request_to_a_leader_that_stopped_reading_holds_its_sender_a_second(port) -> None:
-    # Too large for the socket's buffers, it waits for room for 1 s, whatever the
-    # call's response_timeout, and the connection is dropped as unresponsive. The
-    # send holds the connection's send lock, which every other caller, the
-    # heartbeat and the reader's PONGs need: it waited the whole timeout before.
-    stop = threading.Event()
-
-    def serve(conn: Any, rest: bytes) -> None:
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-        unpacker.feed(rest)
-        while True:
-            for msg in unpacker:
-                if msg[0] == MsgType.REGISTER:
-                    conn.sendall(pack([MsgType.RESULT, msg[1], 1]))
-                    stop.wait(60)  # and reads nothing more
-                    return
-            data = conn.recv(16384)
-            if not data:
-                return
-            unpacker.feed(data)
-
-    server = FakeLeader(port, SECRET.encode(), serve)
-    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET, response_timeout=8).delegate("echo").create()
-    try:
-        client.wait_ready(10)
-        assert not client.is_leader
-        t0 = time.monotonic()
-        with pytest.raises(connshare.LeaderUnresponsiveError, match="stopped reading"):
-            client.echo(b"x" * (15 << 20))
-        took = time.monotonic() - t0
-        assert took < 4, f"the sender waited {took:.1f} s"
-    finally:
-        stop.set()
-        client.close()
-        server.close()
-
-
-def _scripted_leader(on: int, bad: Callable[[list], bytes]) -> Callable[[Any, bytes], None]:
+def _scripted_leader(on: int, bad: Callable[[list], bytes], stop_reading: threading.Event | None = None) -> Callable[[Any, bytes], None]:
     """A fake leader's script: it registers every channel as id 1 and answers
-    pings, and answers each message of type ``on`` with ``bad(message)``."""
+    pings, and answers each message of type ``on`` with ``bad(message)``. With
+    ``stop_reading``: once it has registered a channel, it reads nothing more
+    until that is set."""
 
     def serve(conn: Any, rest: bytes) -> None:
         unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
@@ -780,6 +745,9 @@ def _scripted_leader(on: int, bad: Callable[[list], bytes]) -> Callable[[Any, by
             for msg in unpacker:
                 if msg[0] == MsgType.REGISTER:
                     conn.sendall(pack([MsgType.RESULT, msg[1], 1]))
+                    if stop_reading is not None:
+                        stop_reading.wait(60)
+                        return
                 elif msg[0] == MsgType.PING:
                     conn.sendall(pack([MsgType.PONG, msg[1]]))
                 elif msg[0] == on:
@@ -799,6 +767,28 @@ _BAD_ANSWERS = {
     "an array announcing more items than max_frame_size": lambda m: b"\xdd" + HEADER.pack(MAX_FRAME + 1),
     "an error that ends the connection": lambda m: pack([MsgType.ERROR, 0, ErrorCode.PROTOCOL, "x", "bye", [], ""]),
 }
+
+
+def test_a_request_to_a_leader_that_stopped_reading_holds_its_sender_a_second(port) -> None:
+    # Too large for the socket's buffers, it waits for room for 1 s, whatever the
+    # call's response_timeout, and the connection is dropped as unresponsive. The
+    # send holds the connection's send lock, which every other caller, the
+    # heartbeat and the reader's PONGs need: it waited the whole timeout before.
+    stop = threading.Event()
+    server = FakeLeader(port, SECRET.encode(), _scripted_leader(MsgType.INVOKE, lambda m: b"", stop_reading=stop))
+    client = connshare.cluster(BlastClient, port=port, name="b", secret=SECRET, response_timeout=8).delegate("echo").create()
+    try:
+        client.wait_ready(10)
+        assert not client.is_leader
+        t0 = time.monotonic()
+        with pytest.raises(connshare.LeaderUnresponsiveError, match="stopped reading"):
+            client.echo(b"x" * (15 << 20))
+        took = time.monotonic() - t0
+        assert took < 4, f"the sender waited {took:.1f} s"
+    finally:
+        stop.set()
+        client.close()
+        server.close()
 
 
 @pytest.mark.parametrize("bad", list(_BAD_ANSWERS))
