@@ -296,13 +296,14 @@ class FollowerConnection:
         except OSError as exc:
             raise NotSentError(f"connection to the leader (pid {self.peer_pid}) broke: {exc}") from exc
 
-    def send(self, frame: bytes, timeout: float | None = None) -> None:
+    def send(self, frame: bytes, timeout: float = _SEND_WAIT) -> None:
         """Write a whole frame, or fail the connection: a half-sent frame would
-        corrupt the stream. Frames an event loop queued go out first, in order."""
+        corrupt the stream. Frames an event loop queued go out first, in order.
+        ``timeout``: how long to wait for room in the socket's buffer."""
         with self.send_lock:
             self._send_locked(frame, timeout)
 
-    def _send_locked(self, frame: bytes | bytearray, timeout: float | None) -> None:
+    def _send_locked(self, frame: bytes | bytearray, timeout: float = _SEND_WAIT) -> None:
         taken: Iterable[int] = ()
         try:
             if self._wbuf:
@@ -343,7 +344,7 @@ class FollowerConnection:
                 self._flush_locked()  # a burst leaves in bounded pieces
                 burst = True
             else:
-                self._send_locked(frame, _SEND_WAIT)
+                self._send_locked(frame)
                 if self._cork is not None:
                     return  # another loop's turn is queueing: its frames left with ours
                 self._cork_locked(loop)
@@ -368,7 +369,7 @@ class FollowerConnection:
         except NotSentError as exc:
             self.abort(exc)  # whoever reads the end fails them, as not sent
             raise
-        self._send_locked(b"", _SEND_WAIT)
+        self._send_locked(b"")
 
     def _uncork_later(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.call_soon(self._uncork, loop)
@@ -402,8 +403,8 @@ class FollowerConnection:
                 # The connection is aborted: the reader fails every request in it.
                 log.debug("sending queued requests failed: %r", exc)
 
-    def _send_slow(self, rest: memoryview, timeout: float | None) -> None:
-        deadline = time.monotonic() + (timeout if timeout is not None else 10.0)
+    def _send_slow(self, rest: memoryview, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
         while rest:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -494,7 +495,7 @@ class FollowerConnection:
         of before the send; a placeholder holds the request's place meanwhile."""
         self.pending[rid] = _SENDING
         try:
-            self.send(frame, _SEND_WAIT)
+            self.send(frame)
         except BaseException:
             self.pending.pop(rid, None)
             raise
@@ -511,7 +512,7 @@ class FollowerConnection:
         self.pending[rid] = p
         deadline = time.monotonic() + timeout
         try:
-            self.send(frame, _SEND_WAIT)
+            self.send(frame)
         except BaseException:
             self.pending.pop(rid, None)
             raise
@@ -585,7 +586,7 @@ class FollowerConnection:
             if busy:
                 self._send_in_turn(frame, loop, rid)
             else:
-                self.send(frame, _SEND_WAIT)
+                self.send(frame)
         except BaseException:
             self.pending.pop(rid, None)
             raise
@@ -847,7 +848,7 @@ class FollowerConnection:
         if self.pending.pop(rid, None) is None:
             return  # answered (or failed) already
         try:
-            self.send(self.codec.pack([MsgType.CANCEL, rid]), _SEND_WAIT)
+            self.send(self.codec.pack([MsgType.CANCEL, rid]))
         except Exception as exc:  # the connection is over: so is the call
             log.debug("CANCEL of request %s not sent: %r", rid, exc)
         if self.draining and not self.pending:
@@ -855,7 +856,7 @@ class FollowerConnection:
 
     def send_oneway(self, wire: list) -> None:
         self.check_usable()
-        self.send(self.codec.pack(wire), _SEND_WAIT)
+        self.send(self.codec.pack(wire))
 
     # -- reading ------------------------------------------------------------------------
 
@@ -1065,7 +1066,7 @@ class FollowerConnection:
             if p is not None:
                 self._answer(p, False, exception_from(msg, self.peer_pid), batch)
         elif t == MsgType.PING:
-            self.send(self.codec.pack([MsgType.PONG, wire[1]]), _SEND_WAIT)
+            self.send(self.codec.pack([MsgType.PONG, wire[1]]))
         elif t == MsgType.PONG:
             pass
         elif t in (MsgType.GOODBYE, MsgType.CHANNEL_ERROR, MsgType.SUB_ERROR):

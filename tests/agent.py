@@ -366,8 +366,8 @@ class Agent:
             else:
                 on_frame(c, wire, now)
 
-        def send_then_goodbye(frame: bytes, timeout: float | None = None) -> None:
-            send(frame, timeout)
+        def send_then_goodbye(frame: bytes, *timeout: float) -> None:
+            send(frame, *timeout)
             if held and not self.goodbye_held.is_set():
                 on_frame(conn, held[0], None)
                 handled = threading.Event()
@@ -383,8 +383,8 @@ class Agent:
         conn = self.clients[cid]._node.conn
         send = conn.send
 
-        def send_then_mark(frame: bytes, timeout: float | None = None) -> None:
-            send(frame, timeout)
+        def send_then_mark(frame: bytes, *timeout: float) -> None:
+            send(frame, *timeout)
             conn.send = send
             conn.mark_unresponsive()
 
